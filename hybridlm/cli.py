@@ -1,0 +1,116 @@
+"""The ``hybridlm`` command line: a table of plain typed functions.
+
+Each command is an ordinary function elsewhere in the package; its signature becomes the flags
+(parameters without a default are positional, ``bool`` defaults become ``--flag``/``--no-flag``) and its
+docstring becomes the help: the first paragraph is the summary, an ``Args:`` section documents the
+flags, an ``Examples:`` section is shown as is. Modules are imported only when their command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+import sys
+import typing
+from pathlib import Path
+
+COMMANDS: dict[str, str] = {
+    "generate": "hybridlm.generate:generate_cli",
+    "chat": "hybridlm.chat:chat",
+    "serve": "hybridlm.serve:serve",
+    "train": "hybridlm.train:train_cli",
+    "bench": "hybridlm.bench:bench",
+    "ablate": "hybridlm.eval.ablate:ablate",
+    "inspect": "hybridlm.summary:inspect_cmd",
+    "plan": "hybridlm.summary:plan_cmd",
+}
+
+
+class CLIError(Exception):
+    """A user error: printed without a traceback, exit code 2."""
+
+
+def _load(target: str):
+    mod, fn = target.split(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except ImportError as e:
+        raise CLIError(f"this command needs an optional dependency that is not installed ({e.name}); "
+                       f"install it with: pip install 'hybridlm[all]'") from None
+
+
+def _doc_parts(fn) -> tuple[str, dict[str, str], str]:
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.split("\n\n")[0]
+    args, examples = {}, ""
+    m = re.search(r"^Args:\n(.*?)(?=^\w+:\n|\Z)", doc, re.S | re.M)
+    if m:
+        for name, text in re.findall(r"^\s+(\w+):\s*(.*(?:\n\s{8,}.*)*)", m.group(1), re.M):
+            args[name] = " ".join(text.split())
+    m = re.search(r"^Examples:\n(.*)", doc, re.S | re.M)
+    if m:
+        examples = "examples:\n" + m.group(1)
+    return summary, args, examples
+
+
+def _base_type(ann):
+    if ann is inspect.Parameter.empty:
+        return str
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    return _base_type(args[0]) if args else ann
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridlm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, target in COMMANDS.items():
+        try:
+            fn = _load(target)
+        except (CLIError, AttributeError, ModuleNotFoundError):
+            sub.add_parser(name, help="(not available: missing module or optional dependency)")
+            continue
+        summary, arg_help, examples = _doc_parts(fn)
+        p = sub.add_parser(name, help=summary.split("\n")[0], description=summary, epilog=examples,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        hints = typing.get_type_hints(fn)
+        for pname, param in inspect.signature(fn).parameters.items():
+            typ = _base_type(hints.get(pname, param.annotation))
+            flag = "--" + pname.replace("_", "-")
+            help_ = arg_help.get(pname, "")
+            if param.default is inspect.Parameter.empty:
+                p.add_argument(pname, type=typ, help=help_)
+            elif typ is bool:
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_)
+            elif typing.get_origin(hints.get(pname)) is list or typ is list:
+                p.add_argument(flag, nargs="*", default=param.default, help=help_)
+            else:
+                p.add_argument(flag, type=typ, default=param.default,
+                               help=f"{help_} (default: {param.default})".strip())
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if not hasattr(args, "_fn"):
+        _load(COMMANDS[args.command])  # raises the reason
+        return 2
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn")}
+    try:
+        result = args._fn(**kwargs)
+    except (CLIError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"hybridlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

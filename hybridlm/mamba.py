@@ -1,0 +1,74 @@
+"""The Mamba-1 mixer as Jamba uses it (Lieber et al. 2024, sec. 2; Gu & Dao 2023, Alg. 2).
+
+Glossary (mamba-minimal's letters):
+    b       batch size                      l       sequence length (this call)
+    d       hidden size (d_model)           d_in    inner width = expand * d       (E*D in the paper)
+    n       state size (d_state)            k       conv kernel width (d_conv)
+    r       dt_rank                         Δ / dt  per-token step size, softplus(dt_proj(...))
+    A       [d_in, n] = -exp(A_log), input-independent decay rates
+    B, C    [b, l, n] input-dependent state input/output matrices
+    D       [d_in] skip connection
+
+Jamba differs from Mamba-1 in one place: RMSNorms on dt, B and C right after ``x_proj``
+(``dt_layernorm``, ``b_layernorm``, ``c_layernorm``), which stabilised training at scale.
+
+One forward serves training, prefill and decode: with a ``MambaState`` the conv window and the SSM
+state continue from it and are updated in place; without one they start from zero.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import MambaState
+from .kernels import causal_conv1d, selective_scan
+from .norm import RMSNorm
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, d_in, n, r, k = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
+        self.d_in, self.n, self.r, self.k = d_in, n, r, k
+        self.in_proj = nn.Linear(d, 2 * d_in, bias=cfg.mamba_proj_bias)
+        # depthwise causal conv: the weight keeps upstream's [d_in, 1, k] shape
+        self.conv1d = nn.Conv1d(d_in, d_in, k, groups=d_in, bias=cfg.mamba_conv_bias)
+        self.x_proj = nn.Linear(d_in, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d_in, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_in, 1))
+        self.D = nn.Parameter(torch.ones(d_in))
+        self.out_proj = nn.Linear(d_in, d, bias=cfg.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, state: MambaState | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [b, l, d]; mask: [b, l] bool, False at (left-)padding; returns [b, l, d].
+
+        Padded positions are zeroed before the conv and before the scan, so they add nothing to
+        the conv window or the SSM state: a left-padded row ends in the state it would have alone.
+        """
+        b, l, _ = x.shape
+        xz = self.in_proj(x)                                    # [b, l, 2*d_in]
+        u, z = xz.chunk(2, dim=-1)                              # [b, l, d_in] each
+        if mask is not None:
+            u = u * mask[..., None]
+        u = causal_conv1d(u, self.conv1d.weight[:, 0], self.conv1d.bias,
+                          state.conv if state is not None else None)   # [b, l, d_in], SiLU applied
+        if mask is not None:
+            u = u * mask[..., None]
+        dt, B, C = self.x_proj(u).split([self.r, self.n, self.n], dim=-1)  # [b,l,r] [b,l,n] [b,l,n]
+        dt = self.dt_layernorm(dt)
+        B = self.b_layernorm(B)
+        C = self.c_layernorm(C)
+        # bias and softplus in fp32, as the reference kernel does (delta_bias, delta_softplus)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # [b, l, d_in]
+        A = -torch.exp(self.A_log.float())                      # [d_in, n]
+        y, h = selective_scan(u, delta, A, B, C, self.D.float(),
+                              state.ssm if state is not None else None)  # y: [b, l, d_in] fp32
+        if state is not None:
+            state.ssm.copy_(h)
+        y = y * F.silu(z.float())
+        return self.out_proj(y.to(x.dtype))

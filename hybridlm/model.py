@@ -1,0 +1,207 @@
+"""The hybrid Transformer-Mamba language model (Jamba: Lieber et al. 2024).
+
+A stack of decoder layers, each: x + mixer(norm(x)), then x + ffn(norm(x)); the mixer is Mamba or
+attention and the feed-forward a SwiGLU MLP or a mixture of experts, per ``cfg.pattern``. Module and
+parameter names are transformers' hub names, so a Jamba checkpoint loads key for key.
+
+Glossary: b batch, l tokens in this call, d hidden size, v vocabulary.
+
+One ``forward(input_ids, cache=None)`` serves training (no cache), prefill (a cache, many tokens,
+possibly in chunks) and decode (a cache, one token).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .cache import Cache
+from .config import HybridConfig, preset
+from .mamba import MambaMixer
+from .moe import MLP, MoE, load_balancing_loss
+from .norm import RMSNorm
+
+
+@dataclass
+class StepContext:
+    """What every layer needs to know about the tokens of this call."""
+    start: int                          # cache slot of the first token (0 without a cache)
+    positions: torch.Tensor             # [b, l] token positions (RoPE)
+    mask: torch.Tensor | None           # [b, l] bool, False at padding; None: no padding
+    valid: torch.Tensor | None          # [b, s_max] bool validity of every cache slot; None without a cache
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: HybridConfig, i: int):
+        super().__init__()
+        self.kind = cfg.mixer(i)
+        if self.kind == "mamba":
+            self.mamba = MambaMixer(cfg)
+        else:
+            self.self_attn = Attention(cfg, window=cfg.sliding_window if self.kind == "local" else None)
+        self.feed_forward = MoE(cfg) if cfg.is_moe(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, state, ctx: StepContext):
+        h = self.input_layernorm(x)
+        if self.kind == "mamba":
+            x = x + self.mamba(h, state, ctx.mask)
+        else:
+            x = x + self.self_attn(h, state, ctx)
+        h = self.pre_ff_layernorm(x)
+        if isinstance(self.feed_forward, MoE):
+            f, router_logits = self.feed_forward(h)
+            return x + f, router_logits
+        return x + self.feed_forward(h), None
+
+
+class Backbone(nn.Module):
+    """Upstream's ``model.*``: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpointing = False   # activation checkpointing per layer (training)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "HybridLM":
+        return cls(preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device="cpu",
+                        allow_pickle: bool = False) -> "HybridLM":
+        """Load a HuggingFace-format Jamba checkpoint directory (config.json + safetensors)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None):
+        """Write config.json + safetensors in the hub layout (transformers and vLLM read it)."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    def init_weights(self, seed: int | None = None):
+        """Fresh initialisation (normal(0, initializer_range) for matrices, Mamba's S4D-real A and
+        dt bias as in Gu & Dao 2023 sec. 3.6)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("A_log"):
+                    n = p.shape[1]
+                    p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(p))
+                elif name.endswith(".D") or "layernorm" in name:
+                    p.fill_(1.0)
+                elif name.endswith("dt_proj.bias"):
+                    # dt ~ log-uniform in [1e-3, 1e-1], bias = softplus^-1(dt)
+                    dt = torch.exp(torch.rand(p.shape, generator=g) * (torch.log(torch.tensor(0.1)) -
+                                   torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
+                    p.copy_(dt + torch.log(-torch.expm1(-dt)))
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
+        """Preallocate the per-layer inference state for ``batch`` rows of up to ``max_len`` tokens."""
+        p = next(self.parameters())
+        return Cache.allocate(self.config, batch, max_len, dtype or p.dtype, p.device, self.fingerprint())
+
+    def fingerprint(self) -> str:
+        """Identifies config + weights + dtype (snapshots refuse to load into another model)."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(repr(sorted(self.config.to_dict().items())).encode())
+            for name, p in self.state_dict().items():
+                flat = p.detach().flatten()
+                h.update(name.encode())
+                h.update(str(p.dtype).encode())
+                h.update(flat[:: max(1, flat.numel() // 64)].float().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    # ---- forward ------------------------------------------------------------------------------
+    def hidden(self, input_ids: torch.Tensor, cache: Cache | None = None,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids: [b, l]; mask: [b, l] bool (False at left padding).
+        Returns (final-norm hidden states [b, l, d], router logits of each MoE layer)."""
+        b, l = input_ids.shape
+        if cache is not None:
+            m = mask if mask is not None else torch.ones(b, l, dtype=torch.bool, device=input_ids.device)
+            start = cache.pos
+            positions = cache.advance(m)
+            ctx = StepContext(start, positions, mask, cache.valid)
+        else:
+            positions = (mask.long().cumsum(1) - 1).clamp_min(0) if mask is not None else \
+                torch.arange(l, device=input_ids.device).expand(b, l)
+            ctx = StepContext(0, positions, mask, None)
+        x = self.model.embed_tokens(input_ids)                                   # [b, l, d]
+        router_logits = []
+        for i, layer in enumerate(self.model.layers):
+            state = cache.layers[i] if cache is not None else None
+            if self.checkpointing and self.training:
+                x, r = torch.utils.checkpoint.checkpoint(layer, x, state, ctx, use_reentrant=False)
+            else:
+                x, r = layer(x, state, ctx)
+            if r is not None:
+                router_logits.append(r)
+        return self.model.final_layernorm(x), router_logits
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [b, l, v] (or [b, 1, v] with ``last_only``, which prefill uses to skip l*v work)."""
+        h, _ = self.hidden(input_ids, cache, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> dict:
+        """Training objective: next-token cross-entropy + router_aux_loss_coef * load-balancing loss.
+        input_ids, targets: [b, l]. Returns {'loss', 'ce', 'aux'}."""
+        h, router_logits = self.hidden(input_ids)
+        logits = self.lm_head(h)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=ignore_index)
+        aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok) if router_logits \
+            else ce.new_zeros(())
+        return {"loss": ce + self.config.router_aux_loss_coef * aux, "ce": ce, "aux": aux}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                 **kwargs) -> torch.Tensor:
+        """[b, l] -> [b, l + new]; greedy at temperature 0. See ``hybridlm.generate.generate`` for the
+        other sampling options (top_k, top_p, stop tokens, seed, ...)."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs)
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def num_params(self, active: bool = False) -> int:
+        """All parameters, or those a single token uses (top-k of each MoE layer's experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        cfg = self.config
+        unused = 0
+        for layer in self.model.layers:
+            if isinstance(layer.feed_forward, MoE):
+                per_expert = sum(p.numel() for p in layer.feed_forward.experts[0].parameters())
+                unused += per_expert * (cfg.num_experts - cfg.num_experts_per_tok)
+        return total - unused

@@ -1,0 +1,166 @@
+"""Describe a model: its layer layout, parameter counts, and what it costs in memory at a context length.
+
+The memory plan is the hybrid's selling point made concrete (Jamba paper, Table 1): only attention
+layers keep a KV cache that grows with context; Mamba layers keep a fixed-size state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import HybridConfig
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def parse_bytes(text: str) -> int:
+    """'8GB', '8GiB', '512M', '1e9' -> bytes (powers of 1024 for K/M/G/T with or without 'i')."""
+    import re
+    m = re.fullmatch(r"\s*([\d.e+]+)\s*([KMGT]?)(i?B?)\s*", text, re.I)
+    if not m:
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 8GB, 512MiB or 2.5G")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def layout_diagram(cfg: HybridConfig) -> str:
+    """One row per layer: index, mixer, feed-forward, pattern symbol."""
+    rows = [f"layout {cfg.pattern}  (m/M mamba, a/A attention, w/W local; upper case = MoE)"]
+    for i in range(cfg.num_hidden_layers):
+        mixer = {"mamba": "Mamba    ", "attention": "ATTENTION", "local": "LOCAL-ATT"}[cfg.mixer(i)]
+        ffn = f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}" if cfg.is_moe(i) else "MLP"
+        rows.append(f"  {i:3d}  {cfg.pattern[i]}  {mixer} | {ffn}")
+    return "\n".join(rows)
+
+
+def param_counts(cfg: HybridConfig) -> dict[str, int]:
+    """Total and per-token active parameters, computed from the config alone (no allocation)."""
+    import torch
+
+    from .model import HybridLM
+    with torch.device("meta"):
+        m = HybridLM(cfg)
+    return {"total": m.num_params(), "active": m.num_params(active=True)}
+
+
+@dataclass
+class MemoryPlan:
+    weights: int
+    kv: int
+    conv: int
+    ssm: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.conv + self.ssm
+
+
+def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: str = "bfloat16",
+                cache_dtype: str = "bfloat16") -> MemoryPlan:
+    """Bytes of weights, KV cache (attention layers), conv and SSM state (Mamba layers, SSM in fp32)."""
+    wb, cb = _BYTES[weight_dtype], _BYTES[cache_dtype]
+    kv = conv = ssm = 0
+    for i in range(cfg.num_hidden_layers):
+        kind = cfg.mixer(i)
+        if kind == "mamba":
+            conv += batch * cfg.d_inner * (cfg.mamba_d_conv - 1) * cb
+            ssm += batch * cfg.d_inner * cfg.mamba_d_state * 4
+        else:
+            slots = context if kind == "attention" else min(context, cfg.sliding_window)
+            kv += 2 * batch * cfg.num_key_value_heads * slots * cfg.head_size * cb
+    return MemoryPlan(param_counts(cfg)["total"] * wb, kv, conv, ssm)
+
+
+def transformer_twin(cfg: HybridConfig) -> HybridConfig:
+    """The pure transformer of the same width, depth and MoE layout (every layer attention), the
+    comparison Jamba's paper makes for KV-cache size."""
+    return cfg.replace(layout="".join("A" if cfg.is_moe(i) else "a" for i in range(cfg.num_hidden_layers)))
+
+
+def max_context(cfg: HybridConfig, budget: int, batch: int = 1, **kw) -> int:
+    """Longest context whose weights + cache fit ``budget`` bytes (0 if the weights alone do not)."""
+    if memory_plan(cfg, 0, batch, **kw).total > budget:
+        return 0
+    lo, hi = 0, 1 << 40
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if memory_plan(cfg, mid, batch, **kw).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def inspect_cmd(model: str, dtype: str = "auto") -> int:
+    """Show a model's layer layout, total and active parameters, and weight bytes per dtype.
+
+    Args:
+        model: checkpoint directory or preset name (tiny, bench-88m, jamba-v0.1)
+        dtype: accepted for symmetry with other commands; counts are shown for every dtype
+
+    Examples:
+        hybridlm inspect bench-88m
+        hybridlm inspect ./my-jamba-checkpoint
+    """
+    from .checkpoint import load_model
+    cfg = load_model(model, device="meta").config
+    counts = param_counts(cfg)
+    n_attn = sum(cfg.mixer(i) != "mamba" for i in range(cfg.num_hidden_layers))
+    n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+    print(f"model {model}: {cfg.num_hidden_layers} layers ({n_attn} attention, "
+          f"{cfg.num_hidden_layers - n_attn} Mamba; {n_moe} MoE), hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    print(layout_diagram(cfg))
+    print(f"parameters: total {counts['total']:,}   active per token {counts['active']:,}")
+    print("weight bytes: " + "   ".join(f"{k} {fmt_bytes(counts['total'] * b)}" for k, b in _BYTES.items()))
+    return 0
+
+
+def plan_cmd(model: str, context: int = 262144, batch: int = 1, budget: str = "", dtype: str = "bfloat16") -> int:
+    """Memory plan: weights, KV cache and Mamba state at a context length, beside a pure transformer
+    of the same size, and the longest context that fits a memory budget.
+
+    Args:
+        model: checkpoint directory or preset name
+        context: context length in tokens
+        batch: sequences held at once
+        budget: memory budget such as 8GB; prints the longest context that fits
+        dtype: weight and KV-cache dtype (bfloat16, float16, float32)
+
+    Examples:
+        hybridlm plan bench-88m --context 262144
+        hybridlm plan jamba-v0.1 --context 262144 --budget 80GB
+    """
+    from .checkpoint import load_model
+    if dtype not in _BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_BYTES)}")
+    cfg = load_model(model, device="meta").config
+    twin = transformer_twin(cfg)
+    kw = dict(weight_dtype=dtype, cache_dtype=dtype)
+    rows = [("hybrid (" + cfg.pattern[:16] + ("..." if len(cfg.pattern) > 16 else "") + ")", cfg),
+            ("pure transformer", twin)]
+    print(f"memory at context {context:,}, batch {batch}, {dtype}:")
+    print(f"  {'model':28s} {'weights':>11s} {'KV cache':>11s} {'conv state':>11s} {'SSM state':>11s} {'total':>11s}")
+    for name, c in rows:
+        p = memory_plan(c, context, batch, **kw)
+        print(f"  {name:28s} {fmt_bytes(p.weights):>11s} {fmt_bytes(p.kv):>11s} {fmt_bytes(p.conv):>11s} "
+              f"{fmt_bytes(p.ssm):>11s} {fmt_bytes(p.total):>11s}")
+    hk, tk = memory_plan(cfg, context, batch, **kw).kv, memory_plan(twin, context, batch, **kw).kv
+    if hk:
+        print(f"  KV cache: the hybrid needs {tk / hk:.1f}x less than the pure transformer")
+    if budget:
+        b = parse_bytes(budget)
+        for name, c in rows:
+            n = max_context(c, b, batch, **kw)
+            if n == 0:
+                what = "weights alone do not fit"
+            elif n >= (1 << 40):
+                what = "unbounded (no growing KV cache)"
+            else:
+                what = f"{n:,} tokens"
+            print(f"  longest context within {fmt_bytes(b)}: {name}: {what}")
+    return 0
