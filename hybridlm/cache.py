@@ -88,3 +88,101 @@ class Cache:
             else:
                 kv += 2 * s.k.numel() * s.k.element_size()
         return {"kv": kv, "conv": conv, "ssm": ssm, "total": kv + conv + ssm}
+
+    # ---- snapshots: save, fork, roll back -----------------------------------------------------
+    def snapshot(self, logits: torch.Tensor | None = None) -> "Snapshot":
+        """A copy of the state after ``pos`` tokens (attention buffers trimmed to ``pos``), plus the
+        logits the state ended on, so generation can continue from it without re-reading anything."""
+        tensors = {}
+        for k, t in self.tensors().items():
+            s = self.layers[int(k.split(".")[1])] if k.startswith("layers.") else None
+            if isinstance(s, KVState) and s.window is None:
+                t = t[:, :, :self.pos]
+            tensors[k] = t.clone()
+        if logits is not None:
+            tensors["logits"] = logits.detach().clone()
+        dtype = next(t.dtype for k, t in tensors.items() if k.endswith((".conv", ".k")))
+        return Snapshot(tensors, {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "pos": str(self.pos),
+                                  "batch": str(self.batch), "dtype": str(dtype).removeprefix("torch.")})
+
+    def restore(self, snap: "Snapshot"):
+        """Roll this cache back (or forward) to ``snap``, in place."""
+        pos, batch = int(snap.meta["pos"]), int(snap.meta["batch"])
+        if snap.meta.get("fingerprint") != self.fingerprint:
+            raise ValueError("snapshot was taken from a different model (fingerprint "
+                             f"{snap.meta.get('fingerprint')} != {self.fingerprint}); load it into the model "
+                             f"that produced it")
+        if batch != self.batch or pos > self.max_len:
+            raise ValueError(f"snapshot holds batch {batch} x {pos} positions; this cache is batch {self.batch} "
+                             f"x {self.max_len}")
+        own = self.tensors()
+        for k, t in snap.tensors.items():
+            if k == "logits":
+                continue
+            if k == "valid":
+                self.valid.zero_()
+                self.valid[:, :pos] = t
+            elif k == "seen":
+                self.seen.copy_(t)
+            elif own[k].shape == t.shape:
+                own[k].copy_(t)
+            else:  # a full-attention buffer saved trimmed to pos
+                own[k][:, :, :pos].copy_(t)
+        self.pos = pos
+
+
+SNAPSHOT_FORMAT = "hybridlm-snapshot-1"
+
+
+@dataclass
+class Snapshot:
+    """The whole inference state after a prompt: tensors by name plus a small string header."""
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self.tensors.get("logits")
+
+    @property
+    def pos(self) -> int:
+        return int(self.meta["pos"])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def save(self, path):
+        """Write as safetensors (atomically: a temporary name, then rename); the header is its metadata."""
+        import os
+        from pathlib import Path
+
+        from .safetensors_io import save_file
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: t.contiguous() for k, t in self.tensors.items()}, tmp, metadata=self.meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "Snapshot":
+        from .safetensors_io import SafeTensorsFile
+        f = SafeTensorsFile(path)
+        if f.metadata.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path} is not a hybridlm state snapshot (format {f.metadata.get('format')!r})")
+        return cls({k: f.get(k).clone() for k in f.keys()}, dict(f.metadata))
+
+    def check(self, model):
+        """Refuse a snapshot of another model or dtype, saying which."""
+        want_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if self.meta["dtype"] != want_dtype:
+            raise ValueError(f"snapshot state is {self.meta['dtype']} but the model runs in {want_dtype}; "
+                             f"load the model with dtype={self.meta['dtype']}")
+        if self.meta["fingerprint"] != model.fingerprint():
+            raise ValueError("snapshot was taken from a different model (config or weights differ: fingerprint "
+                             f"{self.meta['fingerprint']} != {model.fingerprint()})")
+
+    def to_cache(self, model, max_len: int | None = None) -> "Cache":
+        """A new cache holding this state (fork: call it as often as needed), room for ``max_len`` tokens."""
+        self.check(model)
+        cache = model.new_cache(int(self.meta["batch"]), max(max_len or 0, self.pos))
+        cache.restore(self)
+        return cache

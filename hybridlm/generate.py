@@ -1,20 +1,265 @@
-"""Generation (placeholder: greedy/temperature; the engine issue replaces this)."""
+"""The inference engine: parallel (chunked) prefill into a preallocated cache, one-token decode steps,
+sampling, streaming, batches of prompts of different lengths.
+
+Split as gpt-fast does: ``prefill`` (the prompt, in chunks of ``prefill_chunk`` tokens so memory stays
+bounded whatever the prompt length; each chunk continues from the state the previous one left),
+``decode_step`` (one token per row), ``sample`` (logits -> token), and the loops ``stream`` / ``generate``
+on top. The chat CLI and the server use ``stream`` too.
+
+Batches: prompts are left-padded to one length; the pad mask keeps padding out of the Mamba state and
+out of every attention window, so each row generates what it would generate alone.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
 import torch
+
+from .cache import Cache
+
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen. temperature 0 = greedy (the other knobs are then moot)."""
+    temperature: float = 0.0
+    top_k: int = 0                 # 0: off
+    top_p: float = 1.0             # 1.0: off
+    repetition_penalty: float = 1.0  # CTRL-style (Keskar et al. 2019): >1 discourages tokens already seen
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [b, v] -> tokens [b]. ``seen`` [b, v] bool marks tokens to penalise (repetition penalty)."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= s.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens=64, temperature=0.0, seed=None):
+def prefill(model, cache: Cache, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
+            chunk: int = DEFAULT_PREFILL_CHUNK, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Run the prompt [b, l] through the model in chunks, filling ``cache``; returns last logits [b, v].
+    Only the last position's logits are computed (never [b, l, v])."""
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+    l = input_ids.shape[1]
+    if l == 0:
+        raise ValueError("empty prompt: give at least one token")
+    logits = None
+    for i in range(0, l, chunk):
+        m = mask[:, i:i + chunk] if mask is not None else None
+        logits = model(input_ids[:, i:i + chunk], cache, mask=m, last_only=True)
+        if progress is not None:
+            progress(min(i + chunk, l), l)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def decode_step(model, cache: Cache, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [b] -> next-token logits [b, v], advancing the cache by one position."""
+    return model(tokens[:, None], cache)[:, -1]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> (ids [b, l_max], mask [b, l_max]) padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    l = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), l), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), l, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, l - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, l - len(p):] = True
+    return ids, mask
+
+
+@dataclass
+class StopCriteria:
+    """When a row is finished: a stop token id, or a stop string appearing in its decoded new text."""
+    token_ids: tuple[int, ...] = ()
+    strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None
+
+    def __post_init__(self):
+        if self.strings and self.decode is None:
+            raise ValueError("stop strings need a decode function (a tokenizer) to read the generated text")
+
+    def hit(self, new_tokens: list[int]) -> bool:
+        if new_tokens and new_tokens[-1] in self.token_ids:
+            return True
+        if self.strings:
+            # only the tail can contain a newly completed stop string
+            text = self.decode(new_tokens[-64:])
+            return any(s in text for s in self.strings)
+        return False
+
+
+@dataclass
+class Generation:
+    """Everything ``stream`` needs beyond the model and the prompt."""
+    max_new_tokens: int = 64
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: StopCriteria = field(default_factory=StopCriteria)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+
+@torch.no_grad()
+def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor | None = None,
+           cache: Cache | None = None, logits: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [b] per step; finished rows yield -1 from then on.
+
+    With ``cache`` given, ``input_ids`` continue from its state (an empty ``input_ids`` plus the
+    ``logits`` the cache ended on continue without any prefill: a restored snapshot).
+    """
     b, l = input_ids.shape
-    cache = model.new_cache(b, l + max_new_tokens)
-    logits = model(input_ids, cache, last_only=True)[:, -1]
-    out = [input_ids]
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
-    for i in range(max_new_tokens):
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=g)
-        out.append(nxt)
-        if i + 1 < max_new_tokens:
-            logits = model(nxt, cache)[:, -1]
-    return torch.cat(out, 1)
+    if gen.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {gen.max_new_tokens}")
+    if cache is None:
+        cache = model.new_cache(b, l + gen.max_new_tokens)
+    elif cache.pos + l + gen.max_new_tokens > cache.max_len:
+        raise ValueError(f"cache holds {cache.max_len} positions; {cache.pos} used + {l} prompt + "
+                         f"{gen.max_new_tokens} new do not fit")
+    if l:
+        logits = prefill(model, cache, input_ids, mask, gen.prefill_chunk)
+    elif logits is None:
+        raise ValueError("nothing to continue from: give prompt tokens or the logits the cache ended on")
+    s = gen.sampling
+    g = torch.Generator(device=logits.device).manual_seed(s.seed) if s.seed is not None else None
+    seen = None
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=logits.device)
+        if l:
+            seen.scatter_(1, input_ids, mask if mask is not None else True)
+    done = torch.zeros(b, dtype=torch.bool)
+    new: list[list[int]] = [[] for _ in range(b)]
+    for step in range(gen.max_new_tokens):
+        tok = sample(logits, s, g, seen)
+        out = tok.masked_fill(done, -1)
+        yield out
+        for i in range(b):
+            if not done[i]:
+                new[i].append(int(tok[i]))
+                if gen.stop.hit(new[i]):
+                    done[i] = True
+        if bool(done.all()) or step + 1 == gen.max_new_tokens:
+            return
+        if seen is not None:
+            seen[torch.arange(b), tok] = True
+        logits = decode_step(model, cache, tok)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop_token_ids: tuple[int, ...] | list[int] = (), stop_strings: tuple[str, ...] | list[str] = (),
+             decode: Callable[[list[int]], str] | None = None, attention_mask: torch.Tensor | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_token_id: int | None = None) -> torch.Tensor:
+    """[b, l] -> [b, l + n]: the prompt followed by up to ``max_new_tokens`` tokens per row.
+
+    Rows that stop early (a stop token or stop string) are filled with ``pad_token_id`` (default: the
+    config's) after their last token; ``attention_mask`` [b, l] (1 = token, 0 = left padding) lets a
+    batch hold prompts of different lengths.
+    """
+    gen = Generation(max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty, seed),
+                     StopCriteria(tuple(stop_token_ids), tuple(stop_strings), decode), prefill_chunk)
+    mask = attention_mask.bool() if attention_mask is not None else None
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    steps = [t.masked_fill(t < 0, pad if pad is not None else 0) for t in stream(model, input_ids, gen, mask)]
+    if not steps:
+        return input_ids.clone()
+    return torch.cat([input_ids, torch.stack(steps, 1).to(input_ids.device)], 1)
+
+
+def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+                 dtype: str = "auto", stop: list[str] | None = None, prompt_file: str = "") -> int:
+    """Generate a continuation of a prompt with a checkpoint, streaming tokens as they come.
+
+    Args:
+        model: checkpoint directory (with a tokenizer), or a preset name (random weights, token ids)
+        prompt: the prompt text (with a preset: space-separated token ids)
+        max_new_tokens: how many tokens to generate at most
+        temperature: 0 for greedy decoding
+        top_k: sample among the k most likely tokens (0: off)
+        top_p: nucleus sampling mass (1.0: off)
+        repetition_penalty: >1 discourages repeating tokens
+        seed: random seed for sampling
+        dtype: weight dtype: auto (the checkpoint's), bfloat16, float32
+        stop: stop strings
+        prompt_file: read the prompt from this file instead
+
+    Examples:
+        hybridlm generate ./out --prompt "def fibonacci(n):" --max-new-tokens 80
+        hybridlm generate bench-88m --prompt "1 2 3" --max-new-tokens 8
+    """
+    import sys
+    import time
+    from pathlib import Path
+
+    from .checkpoint import load_model, parse_dtype
+    text = Path(prompt_file).read_text() if prompt_file else prompt
+    m = load_model(model, dtype=parse_dtype(dtype))
+    tok = None
+    if Path(model).is_dir():
+        from .tokenizer import load_tokenizer
+        tok = load_tokenizer(model)
+    if tok is not None:
+        ids = tok.encode(text)
+        decode = tok.decode
+        stop_ids = tuple(i for i in (tok.eos_id,) if i is not None)
+    else:
+        try:
+            ids = [int(t) for t in text.split()] or [m.config.bos_token_id or 0]
+        except ValueError:
+            raise ValueError("this model has no tokenizer: give the prompt as space-separated token ids") from None
+        decode = lambda t: " ".join(map(str, t)) + " "  # noqa: E731
+        stop_ids = ()
+    gen = Generation(max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty, seed),
+                     StopCriteria(stop_ids, tuple(stop or ()), decode if stop else None))
+    t0 = time.perf_counter()
+    out: list[int] = []
+    shown = ""
+    for step, t in enumerate(stream(m, torch.tensor([ids]), gen)):
+        if step == 0:
+            ttft = time.perf_counter() - t0
+        if int(t[0]) < 0:
+            break
+        out.append(int(t[0]))
+        full = decode(out)
+        sys.stdout.write(full[len(shown):])
+        sys.stdout.flush()
+        shown = full
+    dt = time.perf_counter() - t0
+    n = len(out)
+    print(f"\n[{len(ids)} prompt tokens, {n} new; first token {ttft if n else 0:.2f}s; "
+          f"{n / dt:.1f} tok/s overall]", file=sys.stderr)
+    return 0

@@ -134,7 +134,7 @@ class HybridLM(nn.Module):
                 flat = p.detach().flatten()
                 h.update(name.encode())
                 h.update(str(p.dtype).encode())
-                h.update(flat[:: max(1, flat.numel() // 64)].float().numpy().tobytes())
+                h.update(repr(flat[:: max(1, flat.numel() // 64)].float().tolist()).encode())
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 
