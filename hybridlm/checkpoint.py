@@ -79,6 +79,7 @@ def _iter_raw(files: list[Path]):
         sf = SafeTensorsFile(f)
         for k in sf.keys():
             yield k, (lambda sf=sf, k=k: sf.get(k)), sf.shape(k)
+            sf.release(k)  # the consumer has copied it by now
 
 
 def read_config(path: Path) -> HybridConfig:

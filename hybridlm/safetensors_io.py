@@ -76,6 +76,18 @@ class SafeTensorsFile:
         return t.view(e["shape"])
 
 
+    def release(self, k: str):
+        """Tell the kernel the mapped pages of tensor ``k`` are no longer needed (after copying it), so
+        loading a checkpoint does not also keep the whole file resident in this process."""
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        b, end = self._entries[k]["data_offsets"]
+        start = (self._base + b) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = self._base + end
+        if stop > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None):
     """Write ``tensors`` (contiguous, CPU) as one safetensors file."""
     header: dict = {"__metadata__": metadata} if metadata else {}
