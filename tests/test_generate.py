@@ -213,3 +213,30 @@ def test_bad_sampling_arguments():
         Sampling(temperature=-1)
     with pytest.raises(ValueError, match="stop strings need a decode"):
         StopCriteria(strings=("x",))
+
+
+def test_snapshot_continues_in_another_process(tmp_path):
+    """Save the state after a prompt here; a separate Python process loads the checkpoint and the
+    snapshot and generates exactly what this process generates without interruption."""
+    import subprocess
+    import sys
+    m = tiny(**LAYOUTS["jamba"])
+    m.save_pretrained(tmp_path / "ckpt")
+    x = ids(1, 10)
+    gen = Generation(max_new_tokens=8, sampling=Sampling(temperature=0.9, seed=3))
+    want = torch.stack(list(stream(m, x, gen)), 1)[0].tolist()
+    cache = m.new_cache(1, 32)
+    cache.snapshot(prefill(m, cache, x)).save(tmp_path / "state.safetensors")
+    code = f"""
+import torch
+from hybridlm import HybridLM
+from hybridlm.cache import Snapshot
+from hybridlm.generate import Generation, Sampling, stream
+m = HybridLM.from_pretrained({str(tmp_path / 'ckpt')!r})
+snap = Snapshot.load({str(tmp_path / 'state.safetensors')!r})
+gen = Generation(max_new_tokens=8, sampling=Sampling(temperature=0.9, seed=3))
+toks = stream(m, torch.zeros(1, 0, dtype=torch.long), gen, cache=snap.to_cache(m, 32), logits=snap.logits)
+print(torch.stack(list(toks), 1)[0].tolist())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert eval(r.stdout.strip()) == want
