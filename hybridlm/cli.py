@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import re
 import sys
 import typing
@@ -78,15 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
             typ = _base_type(hints.get(pname, param.annotation))
             flag = "--" + pname.replace("_", "-")
             help_ = arg_help.get(pname, "")
-            if param.default is inspect.Parameter.empty:
+            if pname == "model":  # every command names its model the same two ways: MODEL or --model MODEL
+                p.add_argument("_model", nargs="?", metavar="MODEL", help=help_)
+                p.add_argument("--model", dest="model", default=None, help="same as MODEL")
+                p.set_defaults(_model_required=param.default is inspect.Parameter.empty or not param.default)
+            elif param.default is inspect.Parameter.empty:
                 p.add_argument(pname, type=typ, help=help_)
             elif typ is bool:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_)
             elif typing.get_origin(hints.get(pname)) is list or typ is list:
                 p.add_argument(flag, nargs="*", default=param.default, help=help_)
             else:
-                p.add_argument(flag, type=typ, default=param.default,
-                               help=f"{help_} (default: {param.default})".strip())
+                shown = f" (default: {param.default})" if param.default not in ("", None) else ""
+                p.add_argument(flag, type=typ, default=param.default, help=f"{help_}{shown}".strip())
         p.set_defaults(_fn=fn)
     return parser
 
@@ -100,12 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_fn"):
         _load(COMMANDS[args.command])  # raises the reason
         return 2
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn")}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn", "_model", "_model_required")}
+    if hasattr(args, "_model"):
+        if args._model and args.model and args._model != args.model:
+            parser.error(f"{args.command}: model given twice ({args._model!r} and --model {args.model!r})")
+        chosen = args._model or args.model
+        if not chosen and args._model_required:
+            parser.error(f"{args.command}: give the model: a checkpoint directory or a preset name "
+                         f"(hybridlm {args.command} MODEL ... or --model MODEL)")
+        if chosen:
+            kwargs["model"] = chosen
+        else:
+            kwargs.pop("model")
     try:
         result = args._fn(**kwargs)
     except (CLIError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"hybridlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,882 @@
+"""An OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health.
+
+Structure: the event loop (FastAPI on uvicorn) parses and validates requests, renders the chat
+template and tokenizes in a worker thread, and hands each completion to the ``Engine``, which owns the
+model on one thread of its own. Tokens go back as text deltas through an asyncio queue per HTTP
+request, so the event loop never waits on the model.
+
+The engine batches: every step it gives a slice of prefill to the requests that are starting (so a
+long prompt does not stall the others) and runs one decode step for all running rows together.
+Requests join and leave the batch at any step: rows live in one cache, right-aligned, with the slots
+before a shorter row marked invalid, which the model already treats as left padding
+(see ``generate.left_pad``); ``_gather`` rebuilds that cache when the set of rows changes.
+
+Prompt-state reuse (``prefix_cache``): each prompt starts from the longest stored prefix state; the
+states at message boundaries, at the end of each prompt and after each reply are stored, so the next
+turn of a conversation, or another request with the same system prompt or document, skips most of
+its prefill. ``usage.prompt_tokens_details.cached_tokens`` reports how many prompt tokens were reused.
+Prompts are always tokenized afresh (a cache must not change results), so the state after a reply
+serves the next turn when the reply's text tokenizes back to the ids generated, which is the rule for
+a trained model; otherwise the turn continues from the state after the previous prompt.
+
+Errors follow OpenAI's format, ``{"error": {"message", "type", "param", "code"}}``, with 400 for
+invalid requests and prompts past the context, 404 for an unknown model or route, 413 for an oversized
+body, 503 when the queue is full.
+"""
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (``Request``, imported
+# inside create_app) as objects
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from .cache import Cache, MambaState
+from .chat_template import TOOL_CALL_MARKERS, ChatFormat, Prompt, TextStream
+from .chat_template import parse_tool_calls, text_decoder
+from .generate import Sampling, decode_step, sample
+from .prefix_cache import PrefillJob, PrefixCache, remember_reply
+
+log = logging.getLogger("hybridlm.serve")
+
+
+# ---- the model thread ---------------------------------------------------------------------------------
+@dataclass
+class Limits:
+    context: int                      # prompt + new tokens of one request
+    max_new_tokens: int = 2048        # cap on max_tokens
+    max_batch: int = 16               # rows decoded together
+    max_queue: int = 256              # completions waiting or running; more are refused with 503
+    max_body_bytes: int = 4 * 2**20
+    prefill_slice: int = 512          # prompt tokens per engine step, shared by the starting requests
+    snapshot_every: int = 1024        # also keep prompt state every N tokens of long prompts (0: off)
+
+
+class Overloaded(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One completion (one choice) for the engine. ``emit`` is called from the model thread with
+    ("text", index, delta), ("end", index, finish_reason, completion_tokens, cached_tokens) or
+    ("error", index, message)."""
+    ids: list[int]
+    max_new: int
+    sampling: Sampling
+    emit: Callable[[tuple], None]
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    index: int = 0
+    boundaries: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    cancelled: bool = False
+    # engine state
+    reused: int = 0                   # prompt tokens restored from the prefix cache
+    generated: list[int] = field(default_factory=list)
+    text: TextStream | None = None
+    prefill: PrefillJob | None = None
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """Owns the model; serves jobs from one thread with batched decode (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, limits: Limits, store: PrefixCache | None):
+        self.model, self.limits, self.store = model, limits, store
+        self.decode = text_decoder(tokenizer)
+        vocab_size = getattr(tokenizer, "vocab_size", None)
+        v = model.config.vocab_size
+        # ids the tokenizer cannot decode (a model vocabulary padded past the tokenizer's) are never sampled
+        self._blocked = slice(vocab_size, v) if vocab_size and vocab_size < v else None
+        self._pending: deque[Job] = deque()
+        self._starting: deque[Job] = deque()
+        self._rows: list[Job] = []
+        self._last: list[int] = []
+        self._batch: Cache | None = None
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.busy = False                 # the model thread is working (a step, or storing a reply's state)
+        self._thread = threading.Thread(target=self._run, name="hybridlm-model", daemon=True)
+        self.steps = 0
+        self.max_rows_seen = 0
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0):
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def submit(self, jobs: list[Job]):
+        """All choices of one HTTP request are admitted together or refused together."""
+        with self._cv:
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            if self.load() + len(jobs) > self.limits.max_queue:
+                raise Overloaded(f"the server is busy ({self.load()} completions queued or running, "
+                                 f"limit {self.limits.max_queue}); retry later")
+            self._pending.extend(jobs)
+            self._cv.notify()
+
+    def load(self) -> int:
+        return len(self._pending) + len(self._starting) + len(self._rows)
+
+    def stats(self) -> dict:
+        return {"waiting": len(self._pending), "prefilling": len(self._starting), "decoding": len(self._rows),
+                "busy": self.busy, "steps": self.steps, "max_batch_seen": self.max_rows_seen}
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def _run(self):
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._pending or self._starting or self._rows or self._stopping):
+                        self.busy = False
+                        self._cv.wait()
+                    self.busy = True
+                    if self._stopping:
+                        self._fail_all("the server is shutting down")
+                        return
+                    while self._pending and len(self._rows) + len(self._starting) < self.limits.max_batch:
+                        self._starting.append(self._pending.popleft())
+                try:
+                    self._step()
+                except Exception as e:   # a bug or out of memory: fail what is in flight, keep serving
+                    log.exception("engine step failed")
+                    with self._cv:
+                        self._fail_all(f"internal error in the model thread: {type(e).__name__}: {e}")
+
+    def _fail_all(self, message: str):
+        """Answer every job with an error and forget them (call with the lock held)."""
+        for job in [*self._pending, *self._starting, *self._rows]:
+            job.emit(("error", job.index, message))
+        self._pending.clear()
+        self._starting.clear()
+        self._rows, self._last, self._batch = [], [], None
+
+    def _step(self):
+        self.steps += 1
+        self._drop_cancelled()
+        joining: list[tuple[Job, Cache, int]] = []
+        budget = self.limits.prefill_slice
+        while self._starting and budget > 0:
+            job = self._starting[0]
+            if job.prefill is None:
+                job.text = TextStream(self.decode, job.stop_ids, job.stop_strings)
+                # +1: room to feed the last token when the reply's state is stored
+                job.prefill = PrefillJob(self.model, job.ids, len(job.ids) + job.max_new + 1, self.store,
+                                         job.boundaries, self.limits.snapshot_every)
+            budget -= job.prefill.step(budget)
+            if not job.prefill.done:
+                break
+            self._starting.popleft()
+            job.reused = job.prefill.reused
+            token = self._sample(job, job.prefill.logits[0])
+            if self._accept(job, token):
+                joining.append((job, job.prefill.cache, token))
+            else:
+                self._finish(job, job.prefill.cache, 0)
+        if joining:
+            parts = [(self._batch, i) for i in range(len(self._rows))] + [(c, 0) for _, c, _ in joining]
+            self._rows = self._rows + [j for j, _, _ in joining]
+            self._last = self._last + [t for _, _, t in joining]
+            self._batch = self._regather(parts, self._rows)
+            for job, _, _ in joining:
+                job.prefill = None   # its cache now lives in the batch
+        if not self._rows:
+            return
+        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+        logits = decode_step(self.model, self._batch, torch.tensor(self._last, device=self._batch.valid.device))
+        keep = []
+        for i, job in enumerate(self._rows):
+            token = self._sample(job, logits[i])
+            self._last[i] = token
+            if self._accept(job, token):
+                keep.append(i)
+            else:
+                self._finish(job, self._batch, i)
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]):
+        """Shrink the batch to rows ``keep``."""
+        parts = [(self._batch, i) for i in keep]
+        self._rows = [self._rows[i] for i in keep]
+        self._last = [self._last[i] for i in keep]
+        self._batch = self._regather(parts, self._rows) if keep else None
+
+    def _regather(self, parts, jobs: list[Job]) -> Cache:
+        # room for every row's remaining tokens, +1 to feed the last one when its state is stored
+        room = max(j.max_new - len(j.generated) + 1 for j in jobs)
+        return _gather(self.model, parts, room)
+
+    def _drop_cancelled(self):
+        with self._cv:   # the event loop appends to _pending
+            if any(j.cancelled for j in self._pending):
+                self._pending = deque(j for j in self._pending if not j.cancelled)
+        if any(j.cancelled for j in self._starting):
+            self._starting = deque(j for j in self._starting if not j.cancelled)
+        keep = [i for i, j in enumerate(self._rows) if not j.cancelled]
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def _sample(self, job: Job, logits: torch.Tensor) -> int:
+        """logits [v] -> the next token of ``job``, with its penalties, biases and generator."""
+        x = logits.float().clone()
+        if self._blocked is not None:
+            x[self._blocked] = float("-inf")
+        for t, b in job.logit_bias.items():
+            x[t] += b
+        if (job.presence_penalty or job.frequency_penalty) and job.generated:
+            # OpenAI's definition: counts of each token in the completion so far
+            counts = torch.bincount(torch.tensor(job.generated), minlength=x.shape[0]).to(x)
+            x -= job.frequency_penalty * counts + job.presence_penalty * (counts > 0).to(x)
+        seen = None
+        if job.sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(1, x.shape[0], dtype=torch.bool)
+            seen[0, torch.tensor(job.ids + job.generated)] = True
+        if job.generator is None and job.sampling.temperature > 0:
+            seed = job.sampling.seed if job.sampling.seed is not None else secrets.randbits(63)
+            job.generator = torch.Generator().manual_seed(seed)
+        return int(sample(x[None], job.sampling, job.generator, seen)[0])
+
+    def _accept(self, job: Job, token: int) -> bool:
+        """Record ``token``; send its text; False when the job is finished."""
+        job.generated.append(token)
+        delta = job.text.push(token)
+        if job.text.finish_reason is None and len(job.generated) >= job.max_new:
+            job.text.finish_reason = "length"
+            delta += job.text.flush()
+        if delta:
+            job.emit(("text", job.index, delta))
+        return job.text.finish_reason is None
+
+    def _finish(self, job: Job, cache: Cache, row: int):
+        job.emit(("end", job.index, job.text.finish_reason, len(job.generated), job.reused))
+        if self.store is not None and not job.cancelled:
+            # after the answer is out; the next request is served by this thread, so it finds the state
+            one = cache if cache.batch == 1 else _gather(self.model, [(cache, row)], 1)
+            remember_reply(self.model, one, job.ids + job.generated, job.generated[-1], self.store)
+
+
+def _gather(model, parts: list[tuple[Cache, int]], room: int) -> Cache:
+    """A new cache whose row j is row ``parts[j][1]`` of cache ``parts[j][0]``, right-aligned, with
+    ``room`` free positions. Leading invalid slots of a row (left padding) are dropped, so the batch is
+    as long as its longest row, not as its history. Positions (RoPE) come from ``seen`` and are kept."""
+    leads, lengths = [], []
+    for c, r in parts:
+        valid = c.valid[r, :c.pos]
+        lead = int(valid.int().argmax()) if bool(valid.any()) else c.pos
+        leads.append(lead)
+        lengths.append(c.pos - lead)
+    p = max(lengths)
+    out = model.new_cache(len(parts), p + room)
+    for j, ((c, r), lead, n) in enumerate(zip(parts, leads, lengths)):
+        o = p - n                          # slot shift: old slot s -> s - lead + o
+        out.valid[j, o:p] = c.valid[r, lead:c.pos]
+        out.seen[j] = c.seen[r]
+        for src, dst in zip(c.layers, out.layers):
+            if isinstance(src, MambaState):
+                dst.conv[j] = src.conv[r]
+                dst.ssm[j] = src.ssm[r]
+            elif src.window is None:
+                dst.k[j, :, o:p] = src.k[r, :, lead:c.pos]
+                dst.v[j, :, o:p] = src.v[r, :, lead:c.pos]
+            else:                          # ring buffers: slot s lives at index s % ring size
+                keep = min(src.k.shape[2], dst.k.shape[2], n)
+                slots = torch.arange(c.pos - keep, c.pos, device=src.k.device)
+                to = torch.remainder(slots - lead + o, dst.k.shape[2])
+                dst.k[j, :, to] = src.k[r, :, torch.remainder(slots, src.k.shape[2])]
+                dst.v[j, :, to] = src.v[r, :, torch.remainder(slots, src.v.shape[2])]
+    out.pos = p
+    return out
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@lru_cache(maxsize=1)
+def _schemas():
+    """Request models, built on first use so that ``hybridlm --help`` does not import pydantic."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Open(BaseModel):
+        # unknown fields are ignored (clients send vendor fields), but known ones are type-checked strictly
+        model_config = ConfigDict(extra="allow", strict=True)
+
+    class FunctionCall(Open):
+        name: str
+        arguments: str | dict = "{}"
+
+    class ToolCall(Open):
+        id: str = ""
+        type: Literal["function"] = "function"
+        function: FunctionCall
+
+    class ContentPart(Open):
+        type: str
+        text: str | None = None
+
+    class Message(Open):
+        role: Literal["system", "developer", "user", "assistant", "tool"]
+        content: str | list[ContentPart] | None = None
+        name: str | None = None
+        tool_calls: list[ToolCall] | None = None
+        tool_call_id: str | None = None
+
+    class FunctionDef(Open):
+        name: str
+        description: str | None = None
+        parameters: dict | None = None
+
+    class Tool(Open):
+        type: Literal["function"]
+        function: FunctionDef
+
+    class StreamOptions(Open):
+        include_usage: bool = False
+
+    class Common(Open):
+        model: str
+        max_tokens: int | None = Field(default=None, ge=1)
+        temperature: float = Field(default=1.0, ge=0, le=2)
+        top_p: float = Field(default=1.0, gt=0, le=1)
+        top_k: int = Field(default=0, ge=0)                           # extension (vLLM, llama-server)
+        repetition_penalty: float = Field(default=1.0, gt=0)          # extension
+        presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+        frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+        logit_bias: dict[str, float] | None = None
+        n: int = Field(default=1, ge=1, le=16)
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        user: str | None = None
+
+    class ChatRequest(Common):
+        messages: list[Message] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+        tools: list[Tool] | None = None
+        tool_choice: Literal["none", "auto", "required"] | dict | None = None
+        logprobs: bool | None = None
+        response_format: dict | None = None
+
+    class CompletionRequest(Common):
+        prompt: str | list[str] | list[int] | list[list[int]]
+        max_tokens: int | None = Field(default=16, ge=1)               # OpenAI's default for completions
+        echo: bool = False
+        logprobs: int | None = None
+        suffix: str | None = None
+        best_of: int | None = None
+
+    return ChatRequest, CompletionRequest
+
+
+def _validation_error(e) -> APIError:
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}",
+                        code="invalid_json")
+    param = ".".join(str(x) for x in err["loc"]) or None
+    if param is None:
+        return APIError(400, f"the request body must be a JSON object: {err['msg']}", code="invalid_value")
+    if err["type"] == "missing":
+        return APIError(400, f"missing required parameter '{param}'", param, "missing_required_parameter")
+    got = err.get("input")
+    got = "" if isinstance(got, (dict, list)) else f" (got {json.dumps(got) if got is not None else 'null'})"
+    return APIError(400, f"invalid value for '{param}': {err['msg']}{got}", param, "invalid_value")
+
+
+@dataclass
+class Served:
+    """What the HTTP layer needs besides the engine."""
+    name: str
+    fmt: ChatFormat
+    limits: Limits
+    created: int = field(default_factory=lambda: int(time.time()))
+    fingerprint: str = ""
+
+
+def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatFormat | None = None,
+               limits: Limits | None = None, prefix_cache: PrefixCache | None = None, checkpoint_dir=None):
+    """The FastAPI app serving ``model``. Give ``chat_format`` (tokenizer + chat template + stop tokens),
+    or a ``tokenizer`` and a ``checkpoint_dir`` to read the template from (the default ChatML template
+    when it has none). The engine thread starts and stops with the app's lifespan."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    if chat_format is None:
+        if tokenizer is None:
+            raise ValueError("create_app needs a tokenizer or a chat_format")
+        chat_format = ChatFormat.from_dir(checkpoint_dir, tokenizer)
+    fmt = chat_format
+    limits = limits or Limits(context=model.config.max_position_embeddings)
+    engine = Engine(model, fmt.tokenizer, limits, prefix_cache)
+    served = Served(name, fmt, limits, fingerprint="fp_" + model.fingerprint()[:10])
+    ChatRequest, CompletionRequest = _schemas()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            # uvicorn has already waited for open requests (graceful shutdown); end the model thread
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.served, app.state.prefix_cache = engine, served, prefix_cache
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e: Exception):
+        log.exception("request failed")
+        err = APIError(500, f"internal server error: {type(e).__name__}: {e}", code="internal_error",
+                       type_="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        msg = {404: f"unknown route {request.method} {request.url.path}; this server has /v1/models, "
+                    f"/v1/completions, /v1/chat/completions, /health",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, msg, code=code).body(), status_code=e.status_code)
+
+    async def read_json(request: Request, schema):
+        from pydantic import ValidationError
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body_bytes}",
+                           code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes",
+                               code="request_too_large")
+        if not body:
+            raise APIError(400, "the request has no body; send a JSON object", code="invalid_json")
+        try:
+            req = schema.model_validate_json(bytes(body))
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        if req.model != served.name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{served.name}'",
+                           "model", "model_not_found")
+        return req
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name, "engine": engine.stats(),
+                "prefix_cache": prefix_cache.stats() if prefix_cache is not None else None}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(served)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str):
+        if model_id != served.name:
+            raise APIError(404, f"the model '{model_id}' does not exist; this server serves '{served.name}'",
+                           "model", "model_not_found")
+        return _model_card(served)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await read_json(request, ChatRequest)
+        messages, tools = _chat_inputs(req, fmt)
+        prompt = await asyncio.to_thread(_encode_chat, fmt, messages, tools)
+        max_new = _max_new(req.max_completion_tokens or req.max_tokens, len(prompt.ids), limits)
+        return await _respond(request, engine, served, req, [prompt], max_new, chat=True,
+                              tools=bool(tools))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await read_json(request, CompletionRequest)
+        for param, bad in (("logprobs", req.logprobs is not None), ("suffix", req.suffix is not None),
+                           ("best_of", req.best_of not in (None, 1))):
+            if bad:
+                raise APIError(400, f"'{param}' is not supported by this server", param, "unsupported_parameter")
+        prompts = await asyncio.to_thread(_encode_prompts, fmt, req.prompt, model.config.vocab_size)
+        max_new = min(_max_new(req.max_tokens, len(p.ids), limits) for p in prompts)
+        return await _respond(request, engine, served, req, prompts, max_new, chat=False, tools=False)
+
+    return app
+
+
+def _model_card(served: Served) -> dict:
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "hybridlm",
+            "max_model_len": served.limits.context}
+
+
+def _text_content(content, i: int) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    parts = []
+    for k, p in enumerate(content):
+        if p.type != "text" or p.text is None:
+            raise APIError(400, f"content part of type '{p.type}' is not supported (text only)",
+                           f"messages.{i}.content.{k}.type", "unsupported_content")
+        parts.append(p.text)
+    return "".join(parts)
+
+
+def _chat_inputs(req, fmt: ChatFormat) -> tuple[list[dict], list[dict] | None]:
+    if req.n != 1 and req.stream and req.tools:
+        raise APIError(400, "streaming tool calls with n > 1 is not supported", "n", "unsupported_parameter")
+    if req.logprobs:
+        raise APIError(400, "'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise APIError(400, "only response_format {'type': 'text'} is supported (no constrained decoding)",
+                       "response_format", "unsupported_parameter")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    if tools:
+        choice = req.tool_choice if req.tool_choice is not None else "auto"
+        if choice == "none":
+            tools = None
+        elif choice != "auto":
+            raise APIError(400, "tool_choice 'required' or a named function would need constrained decoding, "
+                                "which this server does not do; use 'auto' or 'none'", "tool_choice",
+                           "unsupported_parameter")
+        elif not fmt.template.supports_tools():
+            raise APIError(400, f"this model's chat template ({fmt.template.origin}) does not support tools",
+                           "tools", "tools_unsupported")
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.content is None and m.role != "assistant":
+            raise APIError(400, f"missing required parameter 'messages.{i}.content' (only assistant messages with "
+                                f"tool_calls may omit it)", f"messages.{i}.content", "missing_required_parameter")
+        d = m.model_dump(exclude_none=True)
+        d["content"] = _text_content(m.content, i)
+        if d["content"] is None:
+            d.pop("content")
+        for call in d.get("tool_calls", []):
+            # templates expect arguments as an object (transformers' convention); OpenAI sends a JSON string
+            args = call["function"].get("arguments")
+            if isinstance(args, str):
+                try:
+                    call["function"]["arguments"] = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError:
+                    pass
+        messages.append(d)
+    return messages, tools
+
+
+def _encode_chat(fmt: ChatFormat, messages, tools) -> Prompt:
+    try:
+        return fmt.encode_chat(messages, tools)
+    except ValueError as e:
+        raise APIError(400, str(e), "messages", "invalid_messages") from None
+
+
+def _encode_prompts(fmt: ChatFormat, prompt, vocab: int) -> list[Prompt]:
+    """A completions ``prompt``: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        prompts = [Prompt(prompt, fmt.encode(prompt))]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [Prompt(None, list(prompt))]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [Prompt(p, fmt.encode(p)) for p in prompt]
+    else:
+        prompts = [Prompt(None, list(p)) for p in prompt]
+    if not prompts:
+        raise APIError(400, "prompt is empty", "prompt", "invalid_value")
+    for p in prompts:
+        if not p.ids:
+            raise APIError(400, "prompt has no tokens", "prompt", "invalid_value")
+        bad = [t for t in p.ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt", "invalid_value")
+    return prompts
+
+
+def _max_new(requested: int | None, n_prompt: int, limits: Limits) -> int:
+    room = limits.context - n_prompt
+    if room <= 0:
+        raise APIError(400, f"this model's maximum context length is {limits.context} tokens, but the prompt "
+                            f"has {n_prompt} tokens; shorten it", "messages", "context_length_exceeded")
+    if requested is None:
+        return min(limits.max_new_tokens, room)
+    if requested > limits.max_new_tokens:
+        raise APIError(400, f"max_tokens is {requested} but this server allows at most {limits.max_new_tokens} "
+                            f"new tokens per request (serve --max-new-tokens)", "max_tokens", "invalid_value")
+    if requested > room:
+        raise APIError(400, f"this model's maximum context length is {limits.context} tokens; you requested "
+                            f"{n_prompt + requested} ({n_prompt} in the prompt, {requested} for the completion)",
+                       "max_tokens", "context_length_exceeded")
+    return requested
+
+
+def _stops(req, fmt: ChatFormat) -> tuple[str, ...]:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stop) or len(stop) > 16:
+        raise APIError(400, "stop must be up to 16 non-empty strings", "stop", "invalid_value")
+    return tuple(stop) + fmt.stop_strings
+
+
+def _bias(req, vocab: int) -> dict[int, float]:
+    out = {}
+    for k, v in (req.logit_bias or {}).items():
+        if not k.isdigit() or int(k) >= vocab or not -100 <= v <= 100:
+            raise APIError(400, f"logit_bias needs token ids in [0, {vocab}) and biases in [-100, 100]; got {k}: {v}",
+                           "logit_bias", "invalid_value")
+        out[int(k)] = v
+    return out
+
+
+async def _respond(request, engine: Engine, served: Served, req, prompts, max_new: int, chat: bool, tools: bool):
+    """Submit one job per (prompt, choice) and answer as one JSON body or as server-sent events."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    fmt = served.fmt
+    try:
+        sampling = Sampling(req.temperature, req.top_k, req.top_p, req.repetition_penalty, req.seed)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+    stops, bias = _stops(req, fmt), _bias(req, engine.model.config.vocab_size)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(event):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:   # the event loop is gone (shutdown); nobody is listening
+            pass
+
+    jobs = []
+    for p, prompt in enumerate(prompts):
+        for c in range(req.n):
+            s = sampling if req.seed is None or c == 0 else Sampling(
+                sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, req.seed + c)
+            jobs.append(Job(prompt.ids, max_new, s, emit, fmt.stop_ids, stops, index=p * req.n + c,
+                            boundaries=prompt.boundaries, logit_bias=bias,
+                            presence_penalty=req.presence_penalty,
+                            frequency_penalty=req.frequency_penalty))
+    try:
+        engine.submit(jobs)
+    except Overloaded as e:
+        raise APIError(503, str(e), code="overloaded", type_="server_error") from None
+
+    kind = "chatcmpl" if chat else "cmpl"
+    rid = f"{kind}-{secrets.token_hex(12)}"
+    created = int(time.time())
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    echo = getattr(req, "echo", False)
+    prompt_texts = [p.text if p.text is not None else engine.decode(p.ids) for p in prompts] if echo else []
+
+    def usage(done: dict) -> dict:
+        completion = sum(d[1] for d in done.values())
+        cached = sum(d[2] for i, d in done.items() if i % req.n == 0)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def cancel():
+        for j in jobs:
+            j.cancelled = True
+
+    if not req.stream:
+        texts: dict[int, str] = {j.index: "" for j in jobs}
+        done: dict[int, tuple] = {}
+        try:
+            while len(done) < len(jobs):
+                event = await queue.get()
+                if event[0] == "text":
+                    texts[event[1]] += event[2]
+                elif event[0] == "end":
+                    done[event[1]] = event[2:]
+                else:
+                    raise APIError(500, event[2], code="engine_error", type_="server_error")
+        except BaseException:
+            cancel()
+            raise
+        choices = []
+        for i in sorted(texts):
+            finish = done[i][0]
+            if chat:
+                message = {"role": "assistant", "content": texts[i]}
+                if tools:
+                    content, calls = parse_tool_calls(texts[i])
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": calls}
+                        finish = "tool_calls"
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish})
+            else:
+                text = (prompt_texts[i // req.n] if echo else "") + texts[i]
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": served.name, "system_fingerprint": served.fingerprint, "choices": choices,
+                "usage": usage(done)}
+        return JSONResponse(body)
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices, usage_=None) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": served.name,
+                "system_fingerprint": served.fingerprint, "choices": choices}
+        if include_usage:
+            body["usage"] = usage_
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def piece(i: int, text: str | None = None, finish: str | None = None, role: bool = False, calls=None) -> dict:
+        if chat:
+            delta = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text is not None:
+                delta = {"content": text}
+            if calls:
+                delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    async def events():
+        done: dict[int, tuple] = {}
+        held: dict[int, str] = {j.index: "" for j in jobs}   # text from a tool-call marker on, parsed at the end
+        try:
+            for j in jobs:
+                if chat:
+                    yield chunk([piece(j.index, role=True)])
+                elif echo:
+                    yield chunk([piece(j.index, prompt_texts[j.index // req.n])])
+            while len(done) < len(jobs):
+                event = await queue.get()
+                i = event[1]
+                if event[0] == "error":
+                    err = APIError(500, event[2], code="engine_error", type_="server_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    return
+                if event[0] == "text":
+                    text = event[2]
+                    if tools:
+                        text, held[i] = _hold_tool_calls(held[i] + text)
+                    if text:
+                        yield chunk([piece(i, text)])
+                    continue
+                done[i] = event[2:]
+                finish, calls = event[2], None
+                if tools and held[i]:
+                    content, calls = parse_tool_calls(held[i])
+                    if calls:
+                        finish = "tool_calls"
+                        if content:
+                            yield chunk([piece(i, content)])
+                        yield chunk([piece(i, calls=calls)])
+                    else:
+                        yield chunk([piece(i, held[i])])
+                yield chunk([piece(i, finish=finish)])
+            if include_usage:
+                yield chunk([], usage(done))
+            yield "data: [DONE]\n\n"
+        finally:
+            if len(done) < len(jobs):   # the client went away: free the rows
+                cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _hold_tool_calls(text: str) -> tuple[str, str]:
+    """Split streamed text into (send now, hold): from a tool-call marker (or what may become one) on,
+    text is held until the end, when it is parsed into tool calls."""
+    for marker in TOOL_CALL_MARKERS:
+        at = text.find(marker)
+        if at >= 0:
+            return text[:at], text[at:]
+    for k in range(max(map(len, TOOL_CALL_MARKERS)) - 1, 0, -1):
+        if any(m.startswith(text[-k:]) for m in TOOL_CALL_MARKERS) and len(text) >= k:
+            return text[:-k], text[-k:]
+    return text, ""
+
+
+# ---- the command --------------------------------------------------------------------------------------
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "", dtype: str = "auto",
+          context: int = 0, max_new_tokens: int = 2048, max_batch: int = 16, max_queue: int = 256,
+          max_body: str = "4MB", prefix_cache: str = "512MB", snapshot_every: int = 1024, threads: int = 0,
+          log_level: str = "info") -> int:
+    """Serve a checkpoint over the OpenAI API on /v1 (chat completions with streaming and tools, completions,
+    models; /health); prompt states are kept and reused. Ctrl-C stops it after open requests finish.
+
+    Requests are batched on one model thread; the hybrid state of each prompt and reply is kept in an
+    in-memory LRU, so the next turn of a conversation, or a repeated system prompt or document, does not
+    prefill that prefix again.
+
+    Args:
+        model: checkpoint directory (config.json, safetensors, tokenizer.json or tokenizer.model)
+        host: interface to listen on (127.0.0.1: this machine only)
+        port: TCP port
+        name: model id clients send; empty: the directory name
+        dtype: weight dtype: auto (the checkpoint's), bfloat16, float32
+        context: longest prompt + completion in tokens; 0: the model's max_position_embeddings
+        max_new_tokens: largest max_tokens a request may ask for
+        max_batch: requests decoded together
+        max_queue: requests waiting or running before new ones get 503
+        max_body: largest request body, e.g. 4MB
+        prefix_cache: memory for saved prompt states, e.g. 512MB (0 turns reuse off)
+        snapshot_every: also save the state every N tokens of a long prompt (0: only at message ends)
+        threads: torch CPU threads (0: torch's default)
+        log_level: uvicorn log level (debug, info, warning, error)
+
+    Examples:
+        hybridlm serve --model ./out --port 8000
+        curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+            -d '{"model": "out", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
+    """
+    from pathlib import Path
+
+    import uvicorn
+
+    from .checkpoint import load_model, parse_dtype
+    from .cli import CLIError
+    from .config import PRESETS
+    from .summary import parse_bytes
+    if model in PRESETS:
+        raise CLIError(f"'{model}' is a preset (random weights, no tokenizer); serve a checkpoint directory")
+    if not 1 <= port <= 65535:
+        raise CLIError(f"--port must be in 1..65535, got {port}")
+    if threads:
+        torch.set_num_threads(threads)
+    m = load_model(model, dtype=parse_dtype(dtype))
+    fmt = ChatFormat.from_dir(model)
+    cap = m.config.max_position_embeddings
+    if context < 0 or context > cap:
+        raise CLIError(f"--context must be in 1..{cap} (the model's max_position_embeddings), got {context}")
+    limits = Limits(context=context or cap, max_new_tokens=max_new_tokens, max_batch=max_batch,
+                    max_queue=max_queue, max_body_bytes=parse_bytes(max_body), snapshot_every=snapshot_every)
+    budget = parse_bytes(prefix_cache)
+    store = PrefixCache(budget) if budget > 0 else None
+    served_name = name or Path(model).resolve().name
+    app = create_app(m, name=served_name, chat_format=fmt, limits=limits, prefix_cache=store)
+    print(f"serving {served_name} on http://{host}:{port}/v1 (chat template: {fmt.template.origin}; "
+          f"context {limits.context}; prefix cache {prefix_cache if store is not None else 'off'})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    return 0
