@@ -61,8 +61,9 @@ class MemoryPlan:
 
 
 def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: str = "bfloat16",
-                cache_dtype: str = "bfloat16") -> MemoryPlan:
-    """Bytes of weights, KV cache (attention layers), conv and SSM state (Mamba layers, SSM in fp32)."""
+                cache_dtype: str = "bfloat16", n_params: int | None = None) -> MemoryPlan:
+    """Bytes of weights, KV cache (attention layers), conv and SSM state (Mamba layers, SSM in fp32).
+    ``n_params`` skips counting the parameters again (callers that plan many contexts pass it)."""
     wb, cb = _BYTES[weight_dtype], _BYTES[cache_dtype]
     kv = conv = ssm = 0
     for i in range(cfg.num_hidden_layers):
@@ -73,7 +74,8 @@ def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: s
         else:
             slots = context if kind == "attention" else min(context, cfg.sliding_window)
             kv += 2 * batch * cfg.num_key_value_heads * slots * cfg.head_size * cb
-    return MemoryPlan(param_counts(cfg)["total"] * wb, kv, conv, ssm)
+    n = param_counts(cfg)["total"] if n_params is None else n_params
+    return MemoryPlan(n * wb, kv, conv, ssm)
 
 
 def transformer_twin(cfg: HybridConfig) -> HybridConfig:
@@ -84,6 +86,7 @@ def transformer_twin(cfg: HybridConfig) -> HybridConfig:
 
 def max_context(cfg: HybridConfig, budget: int, batch: int = 1, **kw) -> int:
     """Longest context whose weights + cache fit ``budget`` bytes (0 if the weights alone do not)."""
+    kw.setdefault("n_params", param_counts(cfg)["total"])
     if memory_plan(cfg, 0, batch, **kw).total > budget:
         return 0
     lo, hi = 0, 1 << 40
