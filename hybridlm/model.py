@@ -140,8 +140,10 @@ class HybridLM(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor, cache: Cache | None = None,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids: [b, l]; mask: [b, l] bool (False at left padding).
+               mask: torch.Tensor | None = None,
+               layer_outputs: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids: [b, l]; mask: [b, l] bool (False at left padding); ``layer_outputs``, when given,
+        receives every layer's output [b, l, d] (the activation loss reads them).
         Returns (final-norm hidden states [b, l, d], router logits of each MoE layer)."""
         b, l = input_ids.shape
         if cache is not None:
@@ -163,6 +165,8 @@ class HybridLM(nn.Module):
                 x, r = layer(x, state, ctx)
             if r is not None:
                 router_logits.append(r)
+            if layer_outputs is not None:
+                layer_outputs.append(x)
         return self.model.final_layernorm(x), router_logits
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, mask: torch.Tensor | None = None,
@@ -173,16 +177,27 @@ class HybridLM(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> dict:
-        """Training objective: next-token cross-entropy + router_aux_loss_coef * load-balancing loss.
-        input_ids, targets: [b, l]. Returns {'loss', 'ce', 'aux'}."""
-        h, router_logits = self.hidden(input_ids)
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             activation_loss_coef: float = 0.0) -> dict:
+        """Training objective: next-token cross-entropy + router_aux_loss_coef * load-balancing loss
+        (+ activation_loss_coef * activation loss). input_ids, targets: [b, l].
+        Returns {'loss', 'ce', 'aux', 'act'}.
+
+        The activation loss follows the Jamba-1.5 report ("Activation loss"): some activations grew
+        to ~4e9 in pre-training, so a term proportional to their mean square is added. Here: mean(x^2)
+        of every layer's output, averaged over layers. 'act' is 0 when the coefficient is 0."""
+        outs = [] if activation_loss_coef else None
+        h, router_logits = self.hidden(input_ids, layer_outputs=outs)
         logits = self.lm_head(h)
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=ignore_index)
         aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok) if router_logits \
             else ce.new_zeros(())
-        return {"loss": ce + self.config.router_aux_loss_coef * aux, "ce": ce, "aux": aux}
+        act = torch.stack([o.float().pow(2).mean() for o in outs]).mean() if outs else ce.new_zeros(())
+        loss = ce + self.config.router_aux_loss_coef * aux
+        if activation_loss_coef:
+            loss = loss + activation_loss_coef * act
+        return {"loss": loss, "ce": ce, "aux": aux, "act": act}
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,

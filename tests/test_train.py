@@ -1,0 +1,261 @@
+"""Training: optimizer groups, the CLI contract, exact resume after SIGKILL, the NaN stop, fine-tuning,
+and 2 processes (gloo; DDP and FSDP2) matching 1 process at the same global batch."""
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridlm import HybridLM, preset
+from hybridlm.cli import main as cli_main
+from hybridlm.optim import build_optimizer, lr_factor, param_groups
+from hybridlm.tokenizer import load_tokenizer
+from hybridlm.train import TrainConfig, read_metrics, sample, train
+
+from .test_data import make_corpus
+
+# a 2-layer shrink of `tiny` that keeps every part: a Mamba layer, an attention layer, a mixture of experts
+SMALL = ("num_hidden_layers=2,layout=mA,hidden_size=64,intermediate_size=128,vocab_size=400,"
+         "mamba_d_state=8,num_attention_heads=4,num_key_value_heads=2")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A corpus and a cache shared by the module's runs (the tokenizer is trained once)."""
+    root = tmp_path_factory.mktemp("train")
+    return {"data": str(make_corpus(root / "corpus")), "cache_dir": str(root / "cache"), "root": root}
+
+
+def config(setup, out, **kw) -> TrainConfig:
+    base = dict(data=setup["data"], cache_dir=setup["cache_dir"], out=str(out), overrides=SMALL, seq_len=32,
+                batch_size=4, micro_batch=2, steps=6, save_every=3, eval_every=3, eval_sequences=8, warmup=2,
+                lr=3e-3, seed=0, threads=1, plot=False, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def cli_flags(cfg: TrainConfig) -> list[str]:
+    """The same run as a `hybridlm train` command line."""
+    flags = ["train"]
+    for k, v in vars(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            flags += [flag, str(v)]
+    return flags
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl")]
+
+
+def subprocess_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# ---- optimizer ---------------------------------------------------------------------------------
+def test_optimizer_groups_exempt_norms_biases_A_log_D():
+    with torch.device("meta"):
+        model = HybridLM(preset("tiny", mamba_conv_bias=True, mamba_proj_bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    names = dict(model.named_parameters())
+    assert sorted(decay["names"] + no_decay["names"]) == sorted(names)          # every parameter, once
+    for n in no_decay["names"]:
+        assert "layernorm" in n or n.endswith((".bias", ".A_log", ".D")), n
+    for n in decay["names"]:
+        assert n.endswith(".weight") and "layernorm" not in n, n
+    assert "model.layers.0.mamba.A_log" in no_decay["names"] and "model.layers.0.mamba.D" in no_decay["names"]
+    assert "model.layers.0.mamba.conv1d.bias" in no_decay["names"]
+    assert "model.final_layernorm.weight" in no_decay["names"]
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mamba.conv1d.weight",
+            "model.layers.1.feed_forward.router.weight"} <= set(decay["names"])
+    opt = build_optimizer(HybridLM(preset("tiny", num_hidden_layers=2, layout="mA")), 1e-3, 0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 100, 0.1) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(f[10:])) and f[100] == pytest.approx(0.1)
+    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5)                             # half way down the cosine
+
+
+def test_activation_loss_is_mean_square_of_layer_outputs():
+    model = HybridLM(preset("tiny", num_hidden_layers=2, layout="mA", vocab_size=64)).init_weights(0)
+    x = torch.randint(0, 64, (2, 8))
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o[0])) for layer in model.model.layers]
+    out = model.loss(x[:, :-1], x[:, 1:], activation_loss_coef=0.5)
+    for h in hooks:
+        h.remove()
+    expected = torch.stack([o.pow(2).mean() for o in seen]).mean()
+    torch.testing.assert_close(out["act"], expected)
+    torch.testing.assert_close(out["loss"], out["ce"] + model.config.router_aux_loss_coef * out["aux"] + 0.5 * expected)
+    assert model.loss(x[:, :-1], x[:, 1:])["act"] == 0
+
+
+# ---- the command line --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_run(setup):
+    """`hybridlm train` as the issue's contract writes it (plus flags that shrink the model)."""
+    out = setup["root"] / "cli"
+    flags = ["train", "--preset", "tiny", "--data", setup["data"], "--steps", "4", "--save-every", "2", "--seed", "1",
+             "--out", str(out), "--overrides", SMALL, "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
+             "--cache-dir", setup["cache_dir"], "--threads", "1", "--no-progress"]
+    assert cli_main(flags) == 0
+    return out, flags
+
+
+def test_cli_writes_metrics_plot_and_a_checkpoint_transformers_loads(cli_run):
+    out, _ = cli_run
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert rows[-1]["val_ppl"] == pytest.approx(math.exp(rows[-1]["val_loss"]))
+    assert rows[-1]["tokens"] == 4 * 4 * 32 and rows[0]["lr"] < rows[1]["lr"]          # warmup
+    assert (out / "loss.png").stat().st_size > 1000
+    from transformers import AutoTokenizer, JambaForCausalLM
+    hf = JambaForCausalLM.from_pretrained(out).eval()
+    ours = HybridLM.from_pretrained(out)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ids = hf_tok("def main():\n    return 0\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    assert hf.config.eos_token_id == hf_tok.eos_token_id == 2
+    text = sample(ours, load_tokenizer(out), "def ", 12, seed=0)
+    assert text.startswith("def ") and text == sample(ours, load_tokenizer(out), "def ", 12, seed=0)
+
+
+def test_resume_refuses_other_flags_and_existing_runs(cli_run):
+    out, flags = cli_run
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(TrainConfig(out=str(out)))
+    changed = flags + ["--resume", "--lr", "0.1"]
+    assert cli_main(changed) == 2                                               # a user error, exit code 2
+    with pytest.raises(ValueError, match=r"--lr 0.005 -> 0.1"):
+        train(TrainConfig(**{**_parse(flags), "resume": True, "lr": 0.1}))
+    assert train(TrainConfig(**{**_parse(flags), "resume": True}))["step"] == 4    # nothing left to do
+
+
+def _parse(flags: list[str]) -> dict:
+    from hybridlm.cli import build_parser
+    args = vars(build_parser().parse_args(flags))
+    return {k: v for k, v in args.items() if k not in ("command", "_fn")}
+
+
+def test_cli_help_documents_the_contract():
+    from hybridlm.cli import build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    text = sub.format_help()
+    for flag in ("--preset", "--data", "--steps", "--save-every", "--seed", "--out", "--resume", "--no-resume"):
+        assert flag in text
+    assert "examples:" in text and "torchrun" in text
+
+
+# ---- exact resume ------------------------------------------------------------------------------
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(setup, tmp_path):
+    steps = 12
+    ref = config(setup, tmp_path / "ref", steps=steps, save_every=3)
+    train(ref)
+    killed = config(setup, tmp_path / "killed", steps=steps, save_every=3)
+    proc = subprocess.Popen([sys.executable, "-m", "hybridlm", *cli_flags(killed)], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = Path(killed.out) / "train_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(state, weights_only=True)["step"]
+    assert 3 <= saved < steps
+    summary = train(config(setup, tmp_path / "killed", steps=steps, save_every=3, resume=True))
+    assert summary["step"] == steps
+    assert losses(killed.out) == losses(ref.out)                               # bitwise
+    assert len(losses(killed.out)) == steps
+    a = torch.load(Path(ref.out) / "train_state.pt", weights_only=True)
+    b = torch.load(state, weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    assert read_metrics(Path(ref.out) / "metrics.jsonl")[-1]["val_loss"] == pytest.approx(
+        read_metrics(state.parent / "metrics.jsonl")[-1]["val_loss"], abs=1e-6)
+
+
+# ---- divergence --------------------------------------------------------------------------------
+def test_nan_stops_with_a_clear_message_and_a_loadable_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    original, calls = HybridLM.loss, []
+
+    def poisoned(self, *args, **kwargs):                 # the 3rd training batch yields NaN
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(HybridLM, "loss", poisoned)
+    cfg = config(setup, tmp_path / "nan", micro_batch=4, steps=6, save_every=100, eval_every=0)
+    assert cli_main(cli_flags(cfg)) == 1
+    err = capsys.readouterr().err
+    assert "training diverged at step 3: the loss is nan" in err
+    assert f"{cfg.out} holds the checkpoint of step 2" in err and "lower --lr" in err
+    model = HybridLM.from_pretrained(cfg.out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.load(Path(cfg.out) / "train_state.pt", weights_only=True)["step"] == 2
+    assert [r["step"] for r in read_metrics(Path(cfg.out) / "metrics.jsonl")] == [1, 2]
+
+
+# ---- fine-tuning -------------------------------------------------------------------------------
+def test_fine_tune_from_a_checkpoint_starts_from_its_weights(setup, cli_run, tmp_path):
+    base, _ = cli_run
+    # a learning rate so small that the weights cannot move: what comes out is what went in
+    cfg = config(setup, tmp_path / "ft", init=str(base), overrides="", steps=2, save_every=2, eval_every=0, lr=1e-12)
+    train(cfg)
+    tuned, original = HybridLM.from_pretrained(cfg.out), HybridLM.from_pretrained(base)
+    for (name, p), q in zip(tuned.named_parameters(), original.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=0, msg=name)
+    assert len(read_metrics(Path(cfg.out) / "metrics.jsonl")) == 2
+    assert (Path(cfg.out) / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    assert json.loads((Path(cfg.out) / "config.json").read_text())["vocab_size"] == 400
+
+
+# ---- 2 processes -------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """The reference: 1 process, global batch 4 as 2 accumulated micro-batches of 2, fp32."""
+    cfg = config(setup, setup["root"] / "one", dtype="fp32", steps=4, save_every=4, eval_every=4)
+    train(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(setup, one_process, parallel, tmp_path):
+    cfg = config(setup, tmp_path / parallel, dtype="fp32", steps=4, save_every=4, eval_every=4, parallel=parallel)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "hybridlm", *cli_flags(cfg)]
+    env = {**subprocess_env(), "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert losses(cfg.out) == pytest.approx(losses(one_process.out), rel=1e-5)
+    two, one = read_metrics(Path(cfg.out) / "metrics.jsonl"), read_metrics(Path(one_process.out) / "metrics.jsonl")
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
+    assert two[-1]["grad_norm"] == pytest.approx(one[-1]["grad_norm"], rel=1e-4)
+    a, b = HybridLM.from_pretrained(cfg.out), HybridLM.from_pretrained(one_process.out)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
