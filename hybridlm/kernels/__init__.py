@@ -1,39 +1,96 @@
 """Kernel dispatch: one entry point per operation, a reference twin for each fast path.
 
-The backend is chosen once per process: ``HYBRIDLM_SCAN=ref|auto`` or ``set_backend(...)``; ``report()``
-says which path runs. Nothing falls back silently: when a fast kernel is unavailable, the reason is
-logged once and shown by ``report()``.
+    operation        CPU, l > 1 (prefill, training)       l == 1 (decode), any device     other devices, l > 1
+    selective_scan   C++ kernel (scan_cpu.py)              fused torch ops (scan_cpu.py)   ref.py
+    causal_conv1d    C++ kernel (conv_cpu.py)              fused torch ops (conv_cpu.py)   ref.py
+
+The backend is 'auto' (the table) or 'ref' (ref.py everywhere), from ``HYBRIDLM_SCAN=ref|auto`` at
+import or ``set_backend(...)``; ``report()`` says which path runs and why. Nothing falls back
+silently: the C++ kernels are built on first use (kernels/build.py), and if that fails the reason is
+logged once as a warning and shown by ``report()``, and CPU prefill/training runs the reference.
 """
 from __future__ import annotations
 
 import logging
 import os
 
+from .conv_cpu import causal_conv1d_cpu, causal_conv1d_step
 from .ref import causal_conv1d_ref, selective_scan_ref
+from .scan_cpu import selective_scan_cpu, selective_scan_step
 
 log = logging.getLogger("hybridlm")
 
-_backend = os.environ.get("HYBRIDLM_SCAN", "auto")
+BACKENDS = ("auto", "ref")
+_backend = "auto"
+_cpu_error: str | None = None   # why the C++ kernels are unavailable (None: fine, or not tried yet)
+_cpu_tried = False
 
 
 def set_backend(name: str):
     """'auto' (fastest available) or 'ref' (the sequential reference everywhere)."""
     global _backend
-    if name not in ("auto", "ref"):
-        raise ValueError(f"unknown kernel backend {name!r}; use 'auto' or 'ref'")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; use 'auto' or 'ref' "
+                         f"(set_backend or the HYBRIDLM_SCAN environment variable)")
     _backend = name
 
 
+def _cpu_kernels() -> bool:
+    """Build/load the C++ kernels once; log once which path runs and why."""
+    global _cpu_tried, _cpu_error
+    if not _cpu_tried:
+        _cpu_tried = True
+        from . import build
+        try:
+            build.load()
+            took = build.info["build_seconds"]
+            log.info("kernels: C++ CPU scan and conv from %s%s", build.info["path"],
+                     f" (built in {took:.1f} s)" if took else "")
+        except build.KernelUnavailable as e:
+            _cpu_error = str(e)
+            log.warning("kernels: the C++ CPU kernels are unavailable, so selective_scan and causal_conv1d run "
+                        "the sequential reference on CPU (slow for long prompts and for training). %s", e)
+    return _cpu_error is None
+
+
 def report() -> dict:
-    """Which implementation each operation uses now, and why."""
-    return {"selective_scan": "ref (sequential reference)", "causal_conv1d": "ref (torch conv1d)",
-            "backend": _backend}
+    """Which implementation each operation uses now, and why (builds the C++ kernels if not yet built)."""
+    if _backend == "ref":
+        why = "forced by HYBRIDLM_SCAN=ref or set_backend('ref')"
+        return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
+                "causal_conv1d": f"ref: concat + torch conv1d ({why})"}
+    if _cpu_kernels():
+        from . import build
+        took = build.info["build_seconds"]
+        cpu = "C++ kernel"
+        library = f"{build.info['path']} ({build.info['isa']}, {f'built in {took:.1f} s' if took else 'cached'})"
+    else:
+        cpu = "sequential reference (C++ kernels unavailable)"
+        library = f"unavailable: {_cpu_error}"
+    return {"backend": "auto",
+            "selective_scan": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: sequential reference",
+            "causal_conv1d": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: torch conv1d reference",
+            "cpu_kernels": library}
 
 
 def selective_scan(u, delta, A, B, C, D, h0=None):
-    """See kernels/ref.py for shapes. Returns (y fp32, h_last fp32)."""
+    """See kernels/ref.py for shapes. Returns (y [b, l, d_in] fp32, h_last [b, d_in, n] fp32)."""
+    if _backend == "auto":
+        if u.shape[1] == 1:
+            return selective_scan_step(u, delta, A, B, C, D, h0)
+        if u.device.type == "cpu" and _cpu_kernels():
+            return selective_scan_cpu(u, delta, A, B, C, D, h0)
     return selective_scan_ref(u, delta, A, B, C, D, h0)
 
 
 def causal_conv1d(x, weight, bias=None, state=None):
+    """See kernels/ref.py: SiLU(depthwise causal conv) [b, l, d_in]; ``state`` is updated in place."""
+    if _backend == "auto":
+        if x.shape[1] == 1:
+            return causal_conv1d_step(x, weight, bias, state)
+        if x.device.type == "cpu" and _cpu_kernels():
+            return causal_conv1d_cpu(x, weight, bias, state)
     return causal_conv1d_ref(x, weight, bias, state)
+
+
+set_backend(os.environ.get("HYBRIDLM_SCAN", "auto"))
