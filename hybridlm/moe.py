@@ -44,6 +44,12 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])                                   # [t, d]
         logits, w, idx = self.route(x)
         out = torch.zeros_like(x)
+        if x.shape[0] == 1:
+            # one token (batch-1 decode): call its k experts directly; the sort/bincount/index_add dispatch
+            # below costs more than it saves at this size. Same expert order and same adds as below.
+            for j, e in sorted(enumerate(idx[0].tolist()), key=lambda p: p[1]):
+                out += self.experts[e](x) * w[:, j, None]
+            return out.view(shape), logits
         flat = idx.flatten()                                           # [t*k] expert of each (token, slot)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
