@@ -323,20 +323,27 @@ def test_engine_keeps_the_state_after_each_reply(model, ckpt):
 def test_engine_rows_joining_at_different_times_match_alone(model, ckpt):
     tok = load_tokenizer(ckpt)
     prompts = [tok.encode(t) for t in ("the quick brown fox", "hello", "def add(a, b):\n    return a + b")]
-    alone = [generate(model, torch.tensor([p]), max_new_tokens=12)[0, len(p):].tolist() for p in prompts]
+    new = [40, 24, 12]
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=n)[0, len(p):].tolist() for p, n in zip(prompts, new)]
     engine = Engine(model, tok, Limits(context=CONTEXT, prefill_slice=4), store=None)
     events = []
     got = threading.Event()
+    submitted = [0]
+
+    def submit(i):
+        submitted[0] = i + 1
+        engine.submit([Job(prompts[i], new[i], Sampling(0.0), emit, index=i)])
 
     def emit(e):
         events.append(e)
+        # the next prompt arrives on the previous one's first text: while it is still decoding
+        if e[0] == "text" and e[1] == submitted[0] - 1 and submitted[0] < len(prompts):
+            submit(submitted[0])
         if sum(x[0] == "end" for x in events) == len(prompts):
             got.set()
     engine.start()
     try:
-        for i, p in enumerate(prompts):   # the second arrives while the first decodes, and so on
-            engine.submit([Job(p, 12, Sampling(0.0), emit, index=i)])
-            time.sleep(0.05)
+        submit(0)
         assert got.wait(60)
     finally:
         engine.stop()
