@@ -334,6 +334,21 @@ def crossover(ctx_rows: list[dict], field: str) -> dict:
     return out
 
 
+def busy_note(res: dict) -> str:
+    """Whether other processes shared the cores during the run, from the load averages recorded."""
+    loads = [x for j in res["jobs"] if j.get("load") for x in j["load"]]
+    cores = res["env"]["cores"] or 1
+    if not loads:
+        return "unknown (no load average on this system)"
+    worst = max(loads)
+    if worst <= cores * 1.25:
+        return f"no: 1-min load average at most {worst:.1f} on {cores} cores during the jobs"
+    return (f"YES: 1-min load average up to {worst:.1f} on {cores} cores during the jobs (this run's own "
+            f"{res['args']['threads']} threads included). Other processes shared the cores, so every tok/s here "
+            f"is depressed, multi-threaded ones most (a thread descheduled at a barrier stalls the other); "
+            f"rerun on a quiet machine before quoting absolute numbers. Rounds are interleaved to keep ratios fair.")
+
+
 def fmt_rate(x):
     return f"{x:,.1f}" if x is not None else "-"
 
@@ -366,6 +381,7 @@ def write_report(res: dict, out: Path):
          f"- dtypes: hybridlm float32 and bfloat16 weights (SSM state fp32); transformers float32"
          f"{' and bfloat16' if ('transformers', 'bfloat16') in best else ''}; llama.cpp bf16 GGUF",
          f"- kernels that ran in the hybridlm children: {res['hybrid_kernels']}",
+         f"- busy machine? {busy_note(res)}",
          "- load average (1 min) around each job: " + ", ".join(
              f"{j['name']} {j['load'][0]:.1f}->{j['load'][1]:.1f}" for j in res["jobs"] if j.get("load")), ""]
     if res.get("llama"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVState
+from .kernels import attn_step, decode_kernels, linear
 
 # queries per SDPA call when an explicit mask is needed: bounds the [b, 1, q, s] mask's memory
 _Q_BLOCK_ELEMS = 1 << 25
@@ -39,11 +40,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, state: KVState | None = None, ctx=None) -> torch.Tensor:
         """x: [b, l, d]. ``ctx`` (a ``model.StepContext``) carries positions, validity and the cache position."""
         b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.h, self.d_h).transpose(1, 2)        # [b, h, l, d_h]
-        k = self.k_proj(x).view(b, l, self.h_kv, self.d_h).transpose(1, 2)     # [b, h_kv, l, d_h]
-        v = self.v_proj(x).view(b, l, self.h_kv, self.d_h).transpose(1, 2)
+        # linear = nn.Linear's forward, through the decode kernel for a few rows (kernels.linear)
+        q = linear(x, self.q_proj.weight).view(b, l, self.h, self.d_h).transpose(1, 2)      # [b, h, l, d_h]
+        k = linear(x, self.k_proj.weight).view(b, l, self.h_kv, self.d_h).transpose(1, 2)   # [b, h_kv, l, d_h]
+        v = linear(x, self.v_proj.weight).view(b, l, self.h_kv, self.d_h).transpose(1, 2)
         if self.rope_theta is not None:
             q, k = rope(q, ctx.positions, self.rope_theta), rope(k, ctx.positions, self.rope_theta)
+        if l == 1 and state is not None and self.window is None and decode_kernels(x, state.k):
+            # one new token, full attention: write its K/V, then one kernel call over the cache
+            state.k[:, :, ctx.start] = k[:, :, 0]
+            state.v[:, :, ctx.start] = v[:, :, 0]
+            out = attn_step(q.transpose(1, 2).reshape(b, 1, self.h * self.d_h), state.k, state.v, ctx.valid,
+                            ctx.start + 1, self.h)
+            return linear(out, self.o_proj.weight)
 
         start = ctx.start                                 # slot of the first new token
         q_slots = torch.arange(start, start + l, device=x.device)
@@ -69,7 +78,7 @@ class Attention(nn.Module):
             state.v[:, :, idx] = v[:, :, l - keep:]
 
         out = self._sdpa(q, keys, vals, q_slots, k_slots, k_valid)              # [b, h, l, d_h]
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.h * self.d_h))
+        return linear(out.transpose(1, 2).reshape(b, l, self.h * self.d_h), self.o_proj.weight)
 
     def _sdpa(self, q, k, v, q_slots, k_slots, k_valid):
         gqa = self.h != self.h_kv

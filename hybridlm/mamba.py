@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import MambaState
-from .kernels import causal_conv1d, selective_scan
+from .kernels import causal_conv1d, decode_kernels, mamba_step, selective_scan
 from .norm import RMSNorm
 
 
@@ -51,6 +51,9 @@ class MambaMixer(nn.Module):
         the conv window or the SSM state: a left-padded row ends in the state it would have alone.
         """
         b, l, _ = x.shape
+        if l == 1 and state is not None and mask is None and \
+                decode_kernels(x, self.in_proj.weight, self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight):
+            return mamba_step(self, x, state)                   # the same computation, fused (kernels/decode_cpu.py)
         xz = self.in_proj(x)                                    # [b, l, 2*d_in]
         u, z = xz.chunk(2, dim=-1)                              # [b, l, d_in] each
         if mask is not None:

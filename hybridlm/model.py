@@ -22,6 +22,7 @@ from torch import nn
 from .attention import Attention
 from .cache import Cache
 from .config import HybridConfig, preset
+from .kernels import linear
 from .mamba import MambaMixer
 from .moe import MLP, MoE, load_balancing_loss
 from .norm import RMSNorm
@@ -175,7 +176,7 @@ class HybridLM(nn.Module):
         h, _ = self.hidden(input_ids, cache, mask)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return linear(h, self.lm_head.weight)                    # = self.lm_head(h); see kernels.linear
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              activation_loss_coef: float = 0.0) -> dict:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import decode_kernels, linear, mlp_step
+
 
 class MLP(nn.Module):
     def __init__(self, d: int, d_ff: int):
@@ -19,6 +21,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decode_kernels(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
+            return mlp_step(self, x)                                  # a few rows: fused (kernels/decode_cpu.py)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -31,7 +35,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """x: [t, d] -> router logits [t, e], top-k weights [t, k] (x's dtype), expert ids [t, k]."""
-        logits = self.router(x)
+        logits = linear(x, self.router.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:

@@ -4,6 +4,10 @@
     selective_scan   C++ kernel (scan_cpu.py)              fused torch ops (scan_cpu.py)   ref.py
     causal_conv1d    C++ kernel (conv_cpu.py)              fused torch ops (conv_cpu.py)   ref.py
 
+and for decoding (a few rows of one token, no gradients, fp32/bf16, CPU: ``decode_kernels``), whole
+layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, attention of
+one query over the cache, and matrix-vector products (``linear``); elsewhere the modules' own torch ops, which are their reference.
+
 The backend is 'auto' (the table) or 'ref' (ref.py everywhere), from ``HYBRIDLM_SCAN=ref|auto`` at
 import or ``set_backend(...)``; ``report()`` says which path runs and why. Nothing falls back
 silently: the C++ kernels are built on first use (kernels/build.py), and if that fails the reason is
@@ -14,7 +18,11 @@ from __future__ import annotations
 import logging
 import os
 
+import torch.nn.functional as F
+
+from . import decode_cpu
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_step
+from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, rmsnorm_step
 from .ref import causal_conv1d_ref, selective_scan_ref
 from .scan_cpu import selective_scan_cpu, selective_scan_step
 
@@ -58,7 +66,7 @@ def report() -> dict:
     if _backend == "ref":
         why = "forced by HYBRIDLM_SCAN=ref or set_backend('ref')"
         return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
-                "causal_conv1d": f"ref: concat + torch conv1d ({why})"}
+                "causal_conv1d": f"ref: concat + torch conv1d ({why})", "decode": f"torch ops ({why})"}
     if _cpu_kernels():
         from . import build
         took = build.info["build_seconds"]
@@ -70,6 +78,9 @@ def report() -> dict:
     return {"backend": "auto",
             "selective_scan": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: sequential reference",
             "causal_conv1d": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: torch conv1d reference",
+            "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
+                      f"{'fused C++ steps (Mamba mixer, MLP, attention over the cache, linear layers)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
+                      "otherwise torch ops",
             "cpu_kernels": library}
 
 
@@ -81,6 +92,18 @@ def selective_scan(u, delta, A, B, C, D, h0=None):
         if u.device.type == "cpu" and _cpu_kernels():
             return selective_scan_cpu(u, delta, A, B, C, D, h0)
     return selective_scan_ref(u, delta, A, B, C, D, h0)
+
+
+def decode_kernels(x, *weights) -> bool:
+    """Whether the fused decode kernels take a call on ``x`` [..., d] with these weights."""
+    return _backend == "auto" and decode_cpu.applies(x, *weights) and _cpu_kernels()
+
+
+def linear(x, weight, bias=None):
+    """F.linear, computed by the decode kernel when ``decode_kernels`` says it takes the call."""
+    if decode_kernels(x, weight):
+        return linear_step(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def causal_conv1d(x, weight, bias=None, state=None):

@@ -1,4 +1,4 @@
-"""Build and load the CPU kernels in csrc/ (the selective scan and the causal conv).
+"""Build and load the CPU kernels in csrc/ (the selective scan, the causal conv, the decode step).
 
 They are plain C++ behind an ``extern "C"`` interface, compiled on first use with the system C++
 compiler (``$CXX``, else ``c++``/``g++``) into one shared library and loaded with ctypes: no torch
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp")
+SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp")
 # -march=native: the vectors in csrc/simd.h become AVX-512 or AVX2 as the CPU allows
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
@@ -35,6 +35,12 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_scan_bwd": [_P] * 16 + [_I64] * 6 + [_INT],
     "hybridlm_conv_fwd": [_P] * 5 + [_I64] * 4 + [_INT],
     "hybridlm_conv_bwd": [_P] * 8 + [_I64] * 4 + [_INT],
+    "hybridlm_linear_step": [_P, _INT, _P, _INT, _P, _P] + [_I64] * 3 + [_INT],
+    "hybridlm_mlp_step": [_P, _P, _INT, _P, _P, _P, _INT] + [_I64] * 3 + [_INT],
+    "hybridlm_mamba_step": [_P, _P, _INT] + [_P] * 4 + [_INT] + [_P] * 7 + [ctypes.c_float] + [_P] * 3
+                           + [_P, _INT, _P] + [_I64] * 6 + [_INT],
+    "hybridlm_rmsnorm_step": [_P, _P, _INT, _P, ctypes.c_float, _I64, _I64],
+    "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }
 
 _lib: ctypes.CDLL | None = None

@@ -1,0 +1,263 @@
+"""The fused decode kernels (kernels/decode_cpu.py, csrc/decode.cpp) against the modules' own torch ops.
+
+fp32: the two paths compute the same sums in a different order, so they agree to ~1e-6.
+bf16: the op-by-op path rounds to bf16 after every op while the kernels keep fp32 between ops, so
+both are compared with an fp32 computation on the same (bf16) weights, and the kernels must be at least
+as close to it. Sizes reach the corners: widths that are not a multiple of the 16/32-lane vectors,
+d_state above one vector, GQA groups of 1, 2 and 4, and slot runs split between threads.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlm import HybridLM, kernels, preset
+from hybridlm.cache import Cache
+from hybridlm.generate import decode_step, prefill
+from hybridlm.kernels import build, decode_cpu
+from hybridlm.mamba import MambaMixer
+from hybridlm.moe import MLP
+from hybridlm.norm import RMSNorm
+
+from .conftest import randomize_
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    try:
+        build.load()
+    except build.KernelUnavailable as e:
+        pytest.fail(f"the C++ kernels must build here: {e}")
+
+
+@pytest.fixture
+def backend():
+    yield kernels.set_backend
+    kernels.set_backend("auto")
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ---- matrix-vector products, norms ---------------------------------------------------------------------
+@pytest.mark.parametrize("k", [16, 48, 100, 512])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_step_fp32(k, rows, bias):
+    g = gen(k + rows)
+    x, w = torch.randn(rows, 1, k, generator=g), torch.randn(37, k, generator=g)
+    b = torch.randn(37, generator=g) if bias else None
+    out = decode_cpu.linear_step(x, w, b)
+    assert out.shape == (rows, 1, 37) and out.dtype == torch.float32
+    assert err(out, F.linear(x, w, b)) < 1e-4
+
+
+@pytest.mark.parametrize("k", [16, 100, 512])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_step_bf16_within_output_rounding(k, rows):
+    g = gen(k)
+    x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(70, k, generator=g).bfloat16()
+    exact = F.linear(x.float(), w.float())
+    out = decode_cpu.linear_step(x, w)
+    assert out.dtype == torch.bfloat16
+    # one bf16 rounding of the output (relative 2^-8), as torch's own bf16 matmul has
+    assert err(out, exact) <= exact.abs().max().item() * 2 ** -8 * 1.01
+    assert err(out, exact) <= err(F.linear(x, w), exact) * 1.01 + 1e-6
+
+
+def test_linear_dispatch_rules():
+    w = torch.randn(8, 16)
+    few, many = torch.randn(4, 16), torch.randn(5, 16)
+    assert kernels.decode_kernels(few, w) and not kernels.decode_kernels(many, w)
+    assert not kernels.decode_kernels(few.half(), w.half())              # fp16: torch ops
+    assert not kernels.decode_kernels(few, w.t().contiguous().t())       # non-contiguous weight
+    assert kernels.decode_kernels(few.bfloat16(), w)                     # activation and weight dtypes may differ
+    wg = torch.nn.Parameter(w)
+    assert not kernels.decode_kernels(few, wg)                           # a gradient is wanted: autograd ops
+    with torch.no_grad():
+        assert kernels.decode_kernels(few, wg)
+    assert "decode" in kernels.report()
+
+
+def test_mixed_weight_dtypes_refused():
+    x = torch.randn(1, 16)
+    assert not decode_cpu.applies(x, torch.randn(8, 16), torch.randn(8, 16).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_step(dtype):
+    norm = RMSNorm(100)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(100, generator=gen()))
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 1, 100, generator=gen(1)) * 5).to(dtype)
+    xf = x.float()
+    exact = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+    out = decode_cpu.rmsnorm_step(norm, x)
+    assert out.dtype == dtype
+    assert err(out, exact) <= (1e-5 if dtype == torch.float32 else exact.abs().max().item() * 2 ** -8)
+
+
+def test_grad_enabled_parameters_take_the_autograd_path():
+    """A training forward of a few rows must not enter the kernels (they have no backward)."""
+    model = HybridLM(preset("tiny")).init_weights(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 3), generator=gen())
+    model.loss(ids[:, :-1], ids[:, 1:])["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None and "experts" not in n]
+    assert not missing
+
+
+# ---- MLP --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_mlp_step(dtype, rows, backend):
+    mlp = MLP(72, 50)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen(p.numel())) * 0.2)
+    x = torch.randn(rows, 1, 72, generator=gen(7))
+    backend("ref")
+    with torch.no_grad():
+        mlp_d, xd = mlp.to(dtype), x.to(dtype)
+        ref = mlp_d(xd)
+        backend("auto")
+        fast = mlp_d(xd)
+        assert kernels.decode_kernels(xd, mlp_d.gate_proj.weight)
+    assert fast.dtype == dtype
+    if dtype == torch.float32:
+        assert err(fast, ref) < 1e-5
+    else:
+        exact_bf = MLP(72, 50)
+        exact_bf.load_state_dict({k: v.float() for k, v in mlp_d.state_dict().items()})
+        with torch.no_grad():
+            backend("ref")
+            exact = exact_bf(xd.float())
+        assert err(fast, exact) <= err(ref, exact) * 1.01 + 1e-6
+
+
+# ---- attention over the cache -------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,h_kv,d_h", [(4, 4, 16), (4, 2, 24), (8, 2, 64), (3, 1, 5)])
+@pytest.mark.parametrize("slots", [1, 37, 700])
+def test_attn_step_matches_sdpa(dtype, h, h_kv, d_h, slots):
+    b, s_max = 2, 768
+    g = gen(slots + h)
+    q = torch.randn(b, 1, h * d_h, generator=g).to(dtype)
+    k = torch.randn(b, h_kv, s_max, d_h, generator=g).to(dtype)
+    v = torch.randn(b, h_kv, s_max, d_h, generator=g).to(dtype)
+    valid = torch.rand(b, s_max, generator=g) > 0.3
+    valid[:, slots - 1] = True                           # the newest token is always visible
+    out = decode_cpu.attn_step(q, k, v, valid, slots, h)
+    qh = q.view(b, 1, h, d_h).transpose(1, 2).float()
+    want = F.scaled_dot_product_attention(qh, k[:, :, :slots].float(), v[:, :, :slots].float(),
+                                          attn_mask=valid[:, None, None, :slots], enable_gqa=h != h_kv)
+    want = want.transpose(1, 2).reshape(b, 1, h * d_h)
+    assert out.dtype == dtype
+    assert err(out, want) < (1e-5 if dtype == torch.float32 else 2 ** -8 * want.abs().max().item() + 1e-6)
+
+
+def test_attn_step_without_mask_and_threads(monkeypatch):
+    """valid=None reads every slot; one thread and several give the same result."""
+    g = gen(3)
+    q, k, v = torch.randn(1, 1, 128, generator=g), torch.randn(1, 2, 1024, 32, generator=g), \
+        torch.randn(1, 2, 1024, 32, generator=g)
+    want = F.scaled_dot_product_attention(q.view(1, 1, 4, 32).transpose(1, 2), k, v, enable_gqa=True)
+    outs = []
+    for t in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=t: t)
+        outs.append(decode_cpu.attn_step(q, k, v, None, 1024, 4))
+    for o in outs:
+        assert err(o, want.transpose(1, 2).reshape(1, 1, 128)) < 1e-5
+
+
+# ---- the Mamba mixer step -----------------------------------------------------------------------------
+MIXERS = [dict(),
+          dict(mamba_dt_rank=5, mamba_d_state=5, mamba_d_conv=2, mamba_proj_bias=True, mamba_conv_bias=False),
+          dict(mamba_d_state=20, mamba_d_conv=3, hidden_size=40, mamba_dt_rank=3)]
+
+
+@pytest.mark.parametrize("over", MIXERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba_step_matches_op_by_op(over, dtype, backend):
+    """Eight decode steps of one mixer from a prefilled state: outputs and both states, kernel vs torch ops."""
+    cfg = preset("tiny", **over)
+    mixer = MambaMixer(cfg)
+    randomize_(mixer, seed=1)
+    mixer = mixer.to(dtype)
+    x = torch.randn(3, 12, cfg.hidden_size, generator=gen(2)).to(dtype)
+    runs = {}
+    for name, model_dtype in (("exact", torch.float32), ("ref", dtype), ("auto", dtype)):
+        backend("ref" if name != "auto" else "auto")
+        m = mixer if model_dtype == dtype else MambaMixer(cfg)
+        if m is not mixer:
+            m.load_state_dict({k: v.float() for k, v in mixer.state_dict().items()})
+        state = Cache.allocate(cfg.replace(layout="m", num_hidden_layers=1), 3, 16, model_dtype).layers[0]
+        with torch.no_grad():
+            m(x[:, :4].to(model_dtype), state)           # prefill (always torch ops / C++ scan)
+            ys = [m(x[:, t:t + 1].to(model_dtype), state) for t in range(4, 12)]
+        runs[name] = (torch.cat(ys, 1), state.ssm.clone(), state.conv.float().clone())
+    if dtype == torch.float32:
+        for a, b in zip(runs["auto"], runs["ref"]):
+            assert err(a, b) < 1e-5 * max(1.0, b.abs().max().item())
+    else:
+        for a, r, e in zip(runs["auto"], runs["ref"], runs["exact"]):
+            assert err(a, e) <= err(r, e) * 1.05 + 1e-3 * e.abs().max().item()
+
+
+# ---- whole model --------------------------------------------------------------------------------------
+LAYOUTS = [dict(), dict(layout="mAmA", num_hidden_layers=4, rope_theta=10000.0),
+           dict(layout="mWmW", num_hidden_layers=4, sliding_window=5)]
+
+
+@pytest.mark.parametrize("over", LAYOUTS)
+def test_decode_steps_fp32_same_as_reference(over, backend):
+    """Prefill then greedy decode with left-padded rows: logits and tokens equal the torch-op path."""
+    model = HybridLM(preset("tiny", **over)).init_weights(0)
+    randomize_(model, seed=4)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=gen(5))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, :4] = False                                  # a left-padded row
+    out = {}
+    for name in ("ref", "auto"):
+        backend(name)
+        cache = model.new_cache(3, 24)
+        logits = [prefill(model, cache, ids, mask)]
+        for _ in range(6):
+            logits.append(decode_step(model, cache, logits[-1].argmax(-1)))
+        out[name] = torch.stack(logits)
+    assert err(out["auto"], out["ref"]) < 1e-4
+    assert torch.equal(out["auto"].argmax(-1), out["ref"].argmax(-1))
+
+
+def test_decode_bf16_closer_to_fp32_than_op_by_op(backend):
+    """bench-88m widths, dense MLPs (an MoE router near a tie may flip either path's expert choice): the
+    fused bf16 decode stays within bf16 error of an fp32 run on the same weights."""
+    cfg = preset("bench-88m", num_hidden_layers=4, layout="mmam", num_experts=1, num_experts_per_tok=1,
+                 vocab_size=512)
+    model = HybridLM(cfg).init_weights(0)
+    randomize_(model, seed=6, scale=0.1)
+    bf = HybridLM(cfg)
+    bf.load_state_dict(model.state_dict())
+    bf = bf.to(torch.bfloat16).eval()
+    f32 = HybridLM(cfg).eval()
+    f32.load_state_dict({k: v.float() for k, v in bf.state_dict().items()})
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=gen(8))
+
+    def run(m, name):
+        backend(name)
+        cache = m.new_cache(1, 32)
+        logits = [prefill(m, cache, ids[:, :8])]
+        logits += [decode_step(m, cache, ids[:, t]) for t in range(8, 16)]
+        return torch.stack(logits).float()
+    exact = run(f32, "ref")
+    fast, ref = run(bf, "auto"), run(bf, "ref")
+    scale = exact.abs().max().item()
+    assert err(fast, exact) < 0.05 * scale
+    assert err(fast, exact) <= err(ref, exact) * 1.05
