@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import decode_kernels, linear, mlp_step
+from .kernels import decode_kernels, linear, mlp_step, moe_step
 
 
 class MLP(nn.Module):
@@ -44,6 +44,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [b, l, d] -> (out [b, l, d], router logits [b*l, e])."""
+        if decode_kernels(x, self.router.weight, *(p for ex in self.experts for p in
+                                                   (ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight))):
+            return moe_step(self, x)                                   # a few rows: fused (kernels/decode_cpu.py)
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # [t, d]
         logits, w, idx = self.route(x)

@@ -17,7 +17,7 @@ from hybridlm.cache import Cache
 from hybridlm.generate import decode_step, prefill
 from hybridlm.kernels import build, decode_cpu
 from hybridlm.mamba import MambaMixer
-from hybridlm.moe import MLP
+from hybridlm.moe import MLP, MoE
 from hybridlm.norm import RMSNorm
 
 from .conftest import randomize_
@@ -139,6 +139,29 @@ def test_mlp_step(dtype, rows, backend):
             backend("ref")
             exact = exact_bf(xd.float())
         assert err(fast, exact) <= err(ref, exact) * 1.01 + 1e-6
+
+
+# ---- MoE with its router --------------------------------------------------------------------------
+@pytest.mark.parametrize("experts,top_k,renorm", [(4, 2, False), (5, 3, True), (3, 1, False)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_moe_step_matches_grouped_dispatch(experts, top_k, renorm, rows, backend):
+    """Same experts chosen, same weights (not renormalised unless asked), same sum; router logits too."""
+    cfg = preset("tiny", num_experts=experts, num_experts_per_tok=top_k, router_renormalize=renorm,
+                 hidden_size=72, intermediate_size=50)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen(p.numel() + experts)) * 0.3)
+    x = torch.randn(rows, 1, 72, generator=gen(rows))
+    with torch.no_grad():
+        backend("ref")
+        want, want_logits = moe(x)
+        backend("auto")
+        assert kernels.decode_kernels(x, moe.router.weight)
+        out, logits = moe(x)
+    assert out.shape == want.shape and logits.shape == (rows, experts)
+    assert err(logits, want_logits) < 1e-5
+    assert err(out, want) < 1e-5 * max(1.0, want.abs().max().item())
 
 
 # ---- attention over the cache -------------------------------------------------------------------------

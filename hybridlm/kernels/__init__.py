@@ -5,8 +5,9 @@
     causal_conv1d    C++ kernel (conv_cpu.py)              fused torch ops (conv_cpu.py)   ref.py
 
 and for decoding (a few rows of one token, no gradients, fp32/bf16, CPU: ``decode_kernels``), whole
-layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, attention of
-one query over the cache, and matrix-vector products (``linear``); elsewhere the modules' own torch ops, which are their reference.
+layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, the MoE with
+its router, attention of one query over the cache, RMSNorm, and matrix-vector products (``linear``);
+elsewhere the modules' own torch ops, which are their reference.
 
 The backend is 'auto' (the table) or 'ref' (ref.py everywhere), from ``HYBRIDLM_SCAN=ref|auto`` at
 import or ``set_backend(...)``; ``report()`` says which path runs and why. Nothing falls back
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from . import decode_cpu
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_step
-from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, rmsnorm_step
+from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, moe_step, rmsnorm_step
 from .ref import causal_conv1d_ref, selective_scan_ref
 from .scan_cpu import selective_scan_cpu, selective_scan_step
 
@@ -79,7 +80,7 @@ def report() -> dict:
             "selective_scan": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: sequential reference",
             "causal_conv1d": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: torch conv1d reference",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
-                      f"{'fused C++ steps (Mamba mixer, MLP, attention over the cache, linear layers)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
+                      f"{'fused C++ steps (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "cpu_kernels": library}
 

@@ -1,5 +1,6 @@
-"""The fused decode kernels (csrc/decode.cpp): a whole Mamba mixer step, a whole SwiGLU MLP and a
-matrix-vector linear, one C++ call each, for a few rows of one token.
+"""The fused decode kernels (csrc/decode.cpp): a whole Mamba mixer step, a SwiGLU MLP, a mixture of
+experts with its router, attention of one query over the cache, an RMSNorm and a matrix-vector linear,
+one C++ call each, for a few rows of one token.
 
 A bench-88m decode step done op by op is ~70 small matmuls and ~2,500 other torch calls; at one
 token their dispatch costs as much as the arithmetic, and torch's bf16 matrix-vector product reads
@@ -11,6 +12,8 @@ They take a call when ``applies``: CPU, fp32 or bf16 activations and weights (on
 weights of a call), at most MAX_ROWS rows, and no gradient wanted.
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -127,3 +130,25 @@ def attn_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, val
                                     ptr(valid), 0 if valid is None else valid.stride(0), b, heads, h_kv, s_max,
                                     slots, d_h, d_h ** -0.5, torch.get_num_threads())
     return out
+
+
+def _pointer_array(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def moe_step(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.MoE's forward for a few rows, router included: x [..., d] -> (out like x, router logits
+    [rows, e] fp32)."""
+    x = x.contiguous()
+    d = x.shape[-1]
+    rows, e = x.numel() // d, len(moe.experts)
+    f = moe.experts[0].gate_proj.weight.shape[0]
+    out = torch.empty_like(x)
+    logits = torch.empty(rows, e, dtype=torch.float32)
+    gate = _pointer_array([ex.gate_proj.weight for ex in moe.experts])
+    up = _pointer_array([ex.up_proj.weight for ex in moe.experts])
+    down = _pointer_array([ex.down_proj.weight for ex in moe.experts])
+    build.load().hybridlm_moe_step(ptr(x), ptr(out), _is16(x), ptr(moe.router.weight), gate, up, down,
+                                   _is16(moe.router.weight), ptr(logits), rows, d, f, e, moe.top_k,
+                                   int(moe.renormalize), torch.get_num_threads())
+    return out, logits

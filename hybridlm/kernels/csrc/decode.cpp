@@ -221,6 +221,33 @@ void hybridlm_linear_step(const void* x, int act_bf16, const void* w, int w_bf16
     }
 }
 
+}  // extern "C"
+
+namespace {
+
+// Inside a parallel region: of [b, d] = down(silu(gate(x)) * up(x)) for x fp32 [b, d]; g and u are
+// [b, f] scratch. Each thread ends owning rows [r0, r1) of of's d columns (returned), with no barrier
+// after the last phase.
+void mlp_share(const float* xf, const void* wg, const void* wu, const void* wd, bool w16, float* g, float* u,
+               float* of, int64_t b, int64_t d, int64_t f, int64_t& r0, int64_t& r1) {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    split(f, t, nt, RB, r0, r1);
+    gemv(wg, w16, nullptr, xf, g, f, b, d, r0, r1);
+    gemv(wu, w16, nullptr, xf, u, f, b, d, r0, r1);
+    for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t r = r0; r < r1; ++r) {
+            const float gv = g[bi * f + r];
+            g[bi * f + r] = gv * sigmoidf(gv) * u[bi * f + r];
+        }
+#pragma omp barrier
+    split(d, t, nt, RB, r0, r1);
+    gemv(wd, w16, nullptr, g, of, d, b, f, r0, r1);
+}
+
+}  // namespace
+
+extern "C" {
+
 // out [b, d] = down(silu(gate(x)) * up(x)); x and out [b, d], weights gate/up [f, d], down [d, f]
 void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const void* wg, const void* wu, const void* wd,
                        int w_bf16, int64_t b, int64_t d, int64_t f, int threads) {
@@ -228,21 +255,61 @@ void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const void* wg, c
     for (int64_t i = 0; i < b * d; ++i) xf[i] = get(x, i, act_bf16);
 #pragma omp parallel num_threads(threads)
     {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t r0, r1;
-        split(f, t, nt, RB, r0, r1);
-        gemv(wg, w_bf16, nullptr, xf.data(), g.data(), f, b, d, r0, r1);
-        gemv(wu, w_bf16, nullptr, xf.data(), u.data(), f, b, d, r0, r1);
-        for (int64_t bi = 0; bi < b; ++bi)
-            for (int64_t r = r0; r < r1; ++r) {
-                const float gv = g[bi * f + r];
-                g[bi * f + r] = gv * sigmoidf(gv) * u[bi * f + r];
-            }
-#pragma omp barrier
-        split(d, t, nt, RB, r0, r1);
-        gemv(wd, w_bf16, nullptr, g.data(), of.data(), d, b, f, r0, r1);
+        mlp_share(xf.data(), wg, wu, wd, w_bf16, g.data(), u.data(), of.data(), b, d, f, r0, r1);
         for (int64_t bi = 0; bi < b; ++bi)
             for (int64_t r = r0; r < r1; ++r) put(out, bi * d + r, of[bi * d + r], act_bf16);
+    }
+}
+
+// Jamba's MoE (moe.py) for a few rows: router logits [b, e] (written to `logits`, fp32), softmax in
+// fp32, the top-k experts of each row (ties: the lower expert id), their probabilities as weights
+// (renormalised to sum 1 when `renorm`), out [b, d] = sum of weight * expert MLP(x), added in expert-id
+// order. wg/wu/wd: arrays of e pointers to each expert's gate/up [f, d] and down [d, f].
+void hybridlm_moe_step(const void* x, void* out, int act_bf16, const void* router, const void* const* wg,
+                       const void* const* wu, const void* const* wd, int w_bf16, float* logits, int64_t b,
+                       int64_t d, int64_t f, int64_t e, int64_t topk, int renorm, int threads) {
+    std::vector<float> xf(b * d), g(f), u(f), of(d), acc(b * d, 0.0f), prob(e);
+    std::vector<int64_t> chosen(b * topk);
+    std::vector<float> weight(b * topk);
+    for (int64_t i = 0; i < b * d; ++i) xf[i] = get(x, i, act_bf16);
+    gemv(router, w_bf16, nullptr, xf.data(), logits, e, b, d, 0, e);
+    for (int64_t bi = 0; bi < b; ++bi) {
+        const float* lg = logits + bi * e;
+        const float mx = *std::max_element(lg, lg + e);
+        float den = 0.0f;
+        for (int64_t j = 0; j < e; ++j) den += (prob[j] = std::exp(lg[j] - mx));
+        std::vector<bool> taken(e, false);
+        float sum = 0.0f;
+        for (int64_t q = 0; q < topk; ++q) {          // k largest, lower id first on ties
+            int64_t best = -1;
+            for (int64_t j = 0; j < e; ++j)
+                if (!taken[j] && (best < 0 || prob[j] > prob[best])) best = j;
+            taken[best] = true;
+            chosen[bi * topk + q] = best;
+            sum += (weight[bi * topk + q] = prob[best] / den);
+        }
+        if (renorm)
+            for (int64_t q = 0; q < topk; ++q) weight[bi * topk + q] /= sum;
+        for (int64_t q = 1; q < topk; ++q)             // expert-id order, as MoE.forward adds them
+            for (int64_t p = q; p > 0 && chosen[bi * topk + p] < chosen[bi * topk + p - 1]; --p) {
+                std::swap(chosen[bi * topk + p], chosen[bi * topk + p - 1]);
+                std::swap(weight[bi * topk + p], weight[bi * topk + p - 1]);
+            }
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        for (int64_t bi = 0; bi < b; ++bi)
+            for (int64_t q = 0; q < topk; ++q) {
+                const int64_t ex = chosen[bi * topk + q];
+                mlp_share(xf.data() + bi * d, wg[ex], wu[ex], wd[ex], w_bf16, g.data(), u.data(), of.data(), 1, d,
+                          f, r0, r1);
+                for (int64_t r = r0; r < r1; ++r) acc[bi * d + r] += weight[bi * topk + q] * of[r];
+#pragma omp barrier
+            }
+        for (int64_t bi = 0; bi < b; ++bi)
+            for (int64_t r = r0; r < r1; ++r) put(out, bi * d + r, acc[bi * d + r], act_bf16);
     }
 }
 
@@ -296,8 +363,9 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
             const float* Bv = dt + r;
             const float* Cv = dt + r + n;
             for (int64_t c = c0; c < c1; ++c) {
-                float s = 0.0f;
-                for (int64_t j = 0; j < r; ++j) s += get(w_dt, c * r + j, w16) * dt[j];
+                float s;
+                if (w16) row_dot_any<1>(static_cast<const bf16*>(w_dt) + c * r, dt, r, &s);
+                else row_dot_any<1>(static_cast<const float*>(w_dt) + c * r, dt, r, &s);
                 s += dt_bias[c];
                 const float delta = s > 20.0f ? s : std::log1p(std::exp(s));   // softplus, threshold 20
                 const float uc = u[bi * d_in + c];
