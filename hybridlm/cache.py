@@ -56,17 +56,22 @@ class Cache:
                                       torch.zeros(shape, dtype=dtype, device=device), window))
         return cls(layers, batch, max_len, device, fingerprint)
 
-    def advance(self, mask: torch.Tensor) -> torch.Tensor:
-        """Reserve slots for l new tokens (mask: [b, l] bool); returns their positions [b, l] for RoPE."""
-        l = mask.shape[1]
+    def advance(self, l: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve slots for l new tokens (mask: [b, l] bool, None: all real); returns their positions
+        [b, l] for RoPE."""
         if self.pos + l > self.max_len:
             raise ValueError(f"cache is full: {self.pos} + {l} tokens > max_len {self.max_len}; "
                              f"allocate a larger cache (max_len) or shorten the prompt")
-        positions = self.seen[:, None] + mask.long().cumsum(1) - 1
-        self.valid[:, self.pos:self.pos + l] = mask
-        self.seen += mask.long().sum(1)
+        if mask is None:
+            positions = self.seen[:, None] + torch.arange(l, device=self.seen.device)
+            self.valid[:, self.pos:self.pos + l] = True
+            self.seen += l
+        else:
+            positions = (self.seen[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)
+            self.valid[:, self.pos:self.pos + l] = mask
+            self.seen += mask.long().sum(1)
         self.pos += l
-        return positions.clamp_min(0)
+        return positions
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every state tensor by a stable name (used by snapshots and byte counts)."""

@@ -148,9 +148,8 @@ class HybridLM(nn.Module):
         Returns (final-norm hidden states [b, l, d], router logits of each MoE layer)."""
         b, l = input_ids.shape
         if cache is not None:
-            m = mask if mask is not None else torch.ones(b, l, dtype=torch.bool, device=input_ids.device)
             start = cache.pos
-            positions = cache.advance(m)
+            positions = cache.advance(l, mask)
             ctx = StepContext(start, positions, mask, cache.valid)
         else:
             positions = (mask.long().cumsum(1) - 1).clamp_min(0) if mask is not None else \

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from .kernels import decode_kernels, rmsnorm_step
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -10,7 +12,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import decode_kernels, rmsnorm_step
         if decode_kernels(x, self.weight):
             return rmsnorm_step(self, x)              # a few rows: one call (kernels/decode_cpu.py)
         xf = x.float()

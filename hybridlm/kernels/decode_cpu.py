@@ -57,11 +57,11 @@ def _small_params(module: torch.nn.Module, sources: tuple, make) -> tuple:
 
 def rmsnorm_step(norm, x: torch.Tensor) -> torch.Tensor:
     """norm.RMSNorm's forward for a few rows, one call."""
-    (w,) = _small_params(norm, (norm.weight,), lambda w: (w,))
     x = x.contiguous()
+    w = norm.weight
     out = torch.empty_like(x)
     d = x.shape[-1]
-    build.load().hybridlm_rmsnorm_step(ptr(x), ptr(out), _is16(x), ptr(w), norm.eps, x.numel() // d, d)
+    build.load().hybridlm_rmsnorm_step(ptr(x), ptr(out), _is16(x), ptr(w), _is16(w), norm.eps, x.numel() // d, d)
     return out
 
 

@@ -78,6 +78,24 @@ inline vf loadv(const void* p, int64_t i, bool is_bf16, int w) {
     return v;
 }
 
+// r[t] = the sum of the lanes of v[t], for W vectors: halving by shuffles across pairs of vectors
+// (15 shuffle-add pairs in all, where W separate horizontal sums take ~4 each)
+inline vf hsum16(const vf* v) {
+    static_assert(W == 16, "hsum16 is written for 16 lanes");
+    vf a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+        a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // [r0, r1) of n items for thread t of nt, in multiples of `align`
@@ -413,7 +431,7 @@ void hybridlm_attn_step(const void* q, void* out, int act_bf16, const void* kc, 
     {
         std::vector<float> sc(g * BS);
         std::vector<float> rowf(dh);
-        std::vector<vf> krow(nv), qv(g * nv);
+        std::vector<vf> krow(nv), qv(g * nv), lanes(g * W);
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; ++it) {
             const int64_t hd = it / parts, part = it % parts, bi = hd / h_kv, kh = hd % h_kv;
@@ -431,17 +449,28 @@ void hybridlm_attn_step(const void* q, void* out, int act_bf16, const void* kc, 
             const uint8_t* ok = valid ? valid + bi * valid_stride : nullptr;
             for (int64_t tb = t0; tb < t1; tb += BS) {
                 const int64_t nb = std::min(BS, t1 - tb);
-                for (int64_t t = 0; t < nb; ++t) {            // scores of the block
-                    if (ok && !ok[tb + t]) {
-                        for (int64_t j = 0; j < g; ++j) sc[j * BS + t] = -INFINITY;
-                        continue;
+                for (int64_t t16 = 0; t16 < nb; t16 += W) {  // scores of the block, W slots at a time
+                    const int w = static_cast<int>(std::min<int64_t>(W, nb - t16));
+                    for (int t = 0; t < W; ++t) {
+                        if (t >= w) {
+                            for (int64_t j = 0; j < g; ++j) lanes[j * W + t] = splat(0.0f);
+                            continue;
+                        }
+                        for (int64_t v = 0; v < nv; ++v)
+                            krow[v] = loadv(kc, (base + tb + t16 + t) * dh + v * W, k16,
+                                            static_cast<int>(std::min<int64_t>(W, dh - v * W)));
+                        for (int64_t j = 0; j < g; ++j) {
+                            vf a = qv[j * nv] * krow[0];
+                            for (int64_t v = 1; v < nv; ++v) a += qv[j * nv + v] * krow[v];
+                            lanes[j * W + t] = a;
+                        }
                     }
-                    for (int64_t v = 0; v < nv; ++v)
-                        krow[v] = loadv(kc, (base + tb + t) * dh + v * W, k16, static_cast<int>(std::min<int64_t>(W, dh - v * W)));
                     for (int64_t j = 0; j < g; ++j) {
-                        vf a = splat(0.0f);
-                        for (int64_t v = 0; v < nv; ++v) a += qv[j * nv + v] * krow[v];
-                        sc[j * BS + t] = hsum(a);
+                        vf sv = hsum16(lanes.data() + j * W);
+                        if (ok)
+                            for (int t = 0; t < w; ++t)
+                                if (!ok[tb + t16 + t]) sv[t] = -INFINITY;
+                        store(sc.data() + j * BS + t16, sv, w);
                     }
                 }
                 for (int64_t j = 0; j < g; ++j) {             // softmax bookkeeping per query head
@@ -499,13 +528,14 @@ void hybridlm_attn_step(const void* q, void* out, int act_bf16, const void* kc, 
     }
 }
 
-// out [rows, d] = RMSNorm(x) * weight (norm.py), rows computed in fp32; x, out fp32 or bf16, weight fp32
-void hybridlm_rmsnorm_step(const void* x, void* out, int act_bf16, const float* weight, float eps, int64_t rows,
-                           int64_t d) {
-    std::vector<float> row(d);
+// out [rows, d] = RMSNorm(x) * weight (norm.py), rows computed in fp32; x, out and weight fp32 or bf16
+void hybridlm_rmsnorm_step(const void* x, void* out, int act_bf16, const void* weight, int w_bf16, float eps,
+                           int64_t rows, int64_t d) {
+    std::vector<float> row(d), wf(d);
+    for (int64_t c = 0; c < d; ++c) wf[c] = get(weight, c, w_bf16);
     for (int64_t i = 0; i < rows; ++i) {
         for (int64_t c = 0; c < d; ++c) row[c] = get(x, i * d + c, act_bf16);
-        rmsnorm(row.data(), weight, d, eps);
+        rmsnorm(row.data(), wf.data(), d, eps);
         for (int64_t c = 0; c < d; ++c) put(out, i * d + c, row[c], act_bf16);
     }
 }
