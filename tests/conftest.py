@@ -37,6 +37,24 @@ def make_hf_checkpoint(path, seed: int = 0, dtype=torch.float32, max_shard_size=
     return model
 
 
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    """Build the C++ kernels once (about a second; cached across sessions); they must build here."""
+    from hybridlm.kernels import build
+    try:
+        build.load()
+    except build.KernelUnavailable as e:
+        pytest.fail(f"the C++ kernels must build here: {e}")
+
+
+@pytest.fixture
+def backend():
+    """Set a kernel backend for one test and restore 'auto' after it."""
+    from hybridlm import kernels
+    yield kernels.set_backend
+    kernels.set_backend("auto")
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     def make(**kw):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hybridlm import HybridLM, kernels, preset
 from hybridlm.cache import Cache
 from hybridlm.generate import decode_step, prefill
-from hybridlm.kernels import build, decode_cpu
+from hybridlm.kernels import decode_cpu
 from hybridlm.mamba import MambaMixer
 from hybridlm.moe import MLP, MoE
 from hybridlm.norm import RMSNorm
@@ -23,18 +23,7 @@ from hybridlm.norm import RMSNorm
 from .conftest import randomize_
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_kernels():
-    try:
-        build.load()
-    except build.KernelUnavailable as e:
-        pytest.fail(f"the C++ kernels must build here: {e}")
-
-
-@pytest.fixture
-def backend():
-    yield kernels.set_backend
-    kernels.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def gen(seed=0):

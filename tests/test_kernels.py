@@ -22,26 +22,13 @@ from hybridlm.kernels.ref import causal_conv1d_ref, selective_scan_ref
 from .conftest import randomize_
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_kernels():
-    """Compile once per session (about a second; cached across sessions)."""
-    try:
-        build.load()
-    except build.KernelUnavailable as e:
-        pytest.fail(f"the C++ kernels must build here: {e}")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 @pytest.fixture
 def threads(monkeypatch):
     """Three OpenMP threads whatever the size, so partial sums and work splits are exercised."""
     monkeypatch.setattr(build, "threads_for", lambda work: 3)
-
-
-@pytest.fixture
-def backend():
-    """Set a backend for one test and restore 'auto' after it."""
-    yield kernels.set_backend
-    kernels.set_backend("auto")
 
 
 def scan_inputs(b, l, d_in, n, seed=0, h0=True, dtype=torch.float32):
