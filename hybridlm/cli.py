@@ -14,7 +14,6 @@ import os
 import re
 import sys
 import typing
-from pathlib import Path
 
 COMMANDS: dict[str, str] = {
     "generate": "hybridlm.generate:generate_cli",

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 MIXERS = {"m": "mamba", "a": "attention", "w": "local"}
