@@ -7,7 +7,8 @@ Three views, all measured in one process (compare them with each other, not with
    overhead of a step;
 2. each component called alone in a loop (lm_head, a Mamba mixer step, the attention step, a dense MLP,
    an MoE layer); alone, their weights stay in cache, so these are lower bounds;
-3. torch.profiler's self time per op over a run of steps, grouped: matmul, attention, elementwise/other.
+3. torch.profiler's self time per op over a run of steps, grouped: matmul, attention, elementwise/other
+   (the fused C++ decode kernels are not torch ops: their time is in the step but not in this view).
 
     python benchmarks/decode_profile.py --dtype bfloat16 --threads 2 --context 2048
 """
@@ -88,7 +89,8 @@ def main():
         scratch.pos = cache.pos
         scratch.valid.copy_(cache.valid)
         ctx = StepContext(scratch.pos, torch.tensor([[scratch.pos]]), None, scratch.valid[:, :scratch.pos + 1])
-        parts = [("lm_head", 1, lambda: model.lm_head(x)),
+        from hybridlm.kernels import linear
+        parts = [("lm_head", 1, lambda: linear(x, model.lm_head.weight)),     # as HybridLM.forward calls it
                  ("Mamba mixer step", n_mamba, lambda: layers[mamba_i].mamba(x, scratch.layers[mamba_i], None)),
                  ("attention step", cfg.num_hidden_layers - n_mamba,
                   lambda: layers[attn_i].self_attn(x, scratch.layers[attn_i], ctx)),
