@@ -22,7 +22,7 @@ from torch import nn
 from .attention import Attention
 from .cache import Cache
 from .config import HybridConfig, preset
-from .kernels import linear
+from .kernels import decode_plan, linear
 from .mamba import MambaMixer
 from .moe import MLP, MoE, load_balancing_loss
 from .norm import RMSNorm
@@ -172,6 +172,10 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [b, l, v] (or [b, 1, v] with ``last_only``, which prefill uses to skip l*v work)."""
+        if cache is not None:
+            logits = decode_plan(self, cache, input_ids, mask)   # one token per row: one C++ call (kernels)
+            if logits is not None:
+                return logits
         h, _ = self.hidden(input_ids, cache, mask)
         if last_only:
             h = h[:, -1:]

@@ -273,3 +273,87 @@ def test_decode_bf16_closer_to_fp32_than_op_by_op(backend):
     scale = exact.abs().max().item()
     assert err(fast, exact) < 0.05 * scale
     assert err(fast, exact) <= err(ref, exact) * 1.05
+
+
+# ---- the whole step in one call (DecodePlan) -----------------------------------------------------------
+def decode_run(model, ids, steps=6, mask=None):
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps + 1)
+    logits = [prefill(model, cache, ids, mask)]
+    for _ in range(steps):
+        logits.append(decode_step(model, cache, logits[-1].argmax(-1)))
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("over", [dict(), dict(router_renormalize=True, num_experts=3, num_experts_per_tok=2),
+                                  dict(layout="aMmA", num_hidden_layers=4, mamba_proj_bias=True)])
+def test_plan_step_equals_layer_by_layer(over, monkeypatch):
+    """The one-call step and the per-layer kernels give the same logits, tokens and cache states (fp32),
+    left-padded batch included; and the plan really ran."""
+    model = HybridLM(preset("tiny", **over)).init_weights(0)
+    randomize_(model, seed=9)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (3, 7), generator=gen(10))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, :3] = False
+    calls = []
+    real = decode_cpu.plan_step
+    monkeypatch.setattr(decode_cpu, "plan_step", lambda *a: calls.append(1) or real(*a))
+    fast, cache_fast = decode_run(model, ids, mask=mask)
+    assert len(calls) == 6
+    monkeypatch.setattr(decode_cpu, "plan_applies", lambda *a: False)
+    slow, cache_slow = decode_run(model, ids, mask=mask)
+    assert len(calls) == 6
+    assert err(fast, slow) < 1e-4 and torch.equal(fast.argmax(-1), slow.argmax(-1))
+    for (k, a), b in zip(cache_fast.tensors().items(), cache_slow.tensors().values()):
+        assert err(a, b) < 1e-4, k
+
+
+def test_plan_follows_weight_and_cache_changes():
+    """Weights loaded in place, a dtype change, and a restored cache: the plan is rebuilt or reused so the
+    step always reads the current weights and state."""
+    model = HybridLM(preset("tiny")).init_weights(0).eval()
+    other = HybridLM(preset("tiny")).init_weights(1).eval()
+    ids = torch.randint(3, 4096, (1, 5), generator=gen(11))
+    cache = model.new_cache(1, 16)
+    logits = prefill(model, cache, ids)
+    snap = cache.snapshot(logits)
+    first = decode_step(model, cache, ids[:, -1])
+    plan = cache._decode_plan
+    cache.restore(snap)
+    assert torch.equal(decode_step(model, cache, ids[:, -1]), first) and cache._decode_plan is plan
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())          # in place: versions change
+    cache.restore(snap)
+    changed = decode_step(model, cache, ids[:, -1])
+    assert cache._decode_plan is not plan and not torch.allclose(changed, first)
+    ref_cache = other.new_cache(1, 16)
+    prefill(other, ref_cache, ids)
+    kernels.set_backend("ref")
+    try:
+        want = decode_step(other, ref_cache, ids[:, -1])    # other's own state after other's prefill
+    finally:
+        kernels.set_backend("auto")
+    cache2 = model.new_cache(1, 16)
+    prefill(model, cache2, ids)
+    assert err(decode_step(model, cache2, ids[:, -1]), want) < 1e-4
+
+
+def test_plan_refuses_what_it_cannot_describe_once_and_layers_still_run(caplog):
+    """A non-contiguous weight (torch ops take it, the plan does not): one warning, then the same logits
+    as the reference path."""
+    model = HybridLM(preset("tiny")).init_weights(0).eval()
+    w = model.model.layers[0].mamba.out_proj.weight
+    w.data = w.data.t().contiguous().t()
+    ids = torch.randint(3, 4096, (1, 4), generator=gen(12))
+    cache = model.new_cache(1, 8)
+    logits = prefill(model, cache, ids)
+    with caplog.at_level("WARNING", logger="hybridlm"):
+        for _ in range(2):
+            logits = decode_step(model, cache, logits.argmax(-1))
+    assert len([r for r in caplog.records if "whole-step decode unavailable" in r.getMessage()]) == 1
+    kernels.set_backend("ref")
+    try:
+        want, _ = decode_run(model, ids, steps=2)
+    finally:
+        kernels.set_backend("auto")
+    assert err(logits, want[-1]) < 1e-4

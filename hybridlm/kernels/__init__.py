@@ -80,7 +80,7 @@ def report() -> dict:
             "selective_scan": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: sequential reference",
             "causal_conv1d": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: torch conv1d reference",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
-                      f"{'fused C++ steps (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
+                      f"{'one C++ call per step through all layers when attention has no RoPE/window, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "cpu_kernels": library}
 
@@ -98,6 +98,24 @@ def selective_scan(u, delta, A, B, C, D, h0=None):
 def decode_kernels(x, *weights) -> bool:
     """Whether the fused decode kernels take a call on ``x`` [..., d] with these weights."""
     return _backend == "auto" and decode_cpu.applies(x, *weights) and _cpu_kernels()
+
+
+_plan_refused: set[str] = set()
+
+
+def decode_plan(model, cache, input_ids, mask):
+    """HybridLM.forward for a decode step through one C++ call for all layers (decode_cpu.plan_step), or
+    None when it does not apply (then the layers run one by one, with the per-layer kernels above). A
+    model the plan cannot describe (mixed weight dtypes, non-contiguous buffers) is logged once, with why."""
+    if _backend != "auto" or not decode_cpu.plan_applies(model, cache, input_ids, mask) or not _cpu_kernels():
+        return None
+    try:
+        return decode_cpu.plan_step(model, cache, input_ids)
+    except ValueError as e:
+        if str(e) not in _plan_refused:
+            _plan_refused.add(str(e))
+            log.warning("kernels: whole-step decode unavailable for this model, decoding layer by layer: %s", e)
+        return None
 
 
 def linear(x, weight, bias=None):

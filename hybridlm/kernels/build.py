@@ -41,6 +41,8 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
                            + [_P, _INT, _P] + [_I64] * 6 + [_INT],
     "hybridlm_moe_step": [_P, _P, _INT, _P, _P, _P, _P, _INT, _P] + [_I64] * 5 + [_INT, _INT],
     "hybridlm_rmsnorm_step": [_P, _P, _INT, _P, _INT, ctypes.c_float, _I64, _I64],
+    "hybridlm_decode_rec_len": [],
+    "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }
 
@@ -123,7 +125,7 @@ def load() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = argtypes, (_I64 if name.endswith("_rec_len") else None)
     except (OSError, AttributeError) as e:
         raise KernelUnavailable(f"loading {out} failed: {e}") from e
     flags = _cpu_id().split()

@@ -152,3 +152,137 @@ def moe_step(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                    _is16(moe.router.weight), ptr(logits), rows, d, f, e, moe.top_k,
                                    int(moe.renormalize), torch.get_num_threads())
     return out, logits
+
+
+# ---- the whole step in one call -----------------------------------------------------------------------
+# Record fields of csrc/decode.cpp's hybridlm_decode_layers, in its order; attention layers put their
+# fields where the Mamba ones start.
+_HEAD = ("mixer", "ffn", "norm1", "norm2", "norm_bf16", "w_bf16")
+_MAMBA = ("w_in", "w_x", "w_dt", "w_out", "in_b", "out_b", "conv_w", "conv_b", "dt_ln", "b_ln", "c_ln", "dt_b", "A",
+          "D", "conv", "conv_bf16", "ssm", "d_in", "n", "r", "k")
+_ATTN = ("wq", "wk", "wv", "wo", "kc", "vc", "kv_bf16", "h", "h_kv", "s", "dh")
+_FFN = ("f_a", "f_b", "f_c", "f_d", "ff", "e", "topk", "renorm")
+_INDEX = {**{k: i for i, k in enumerate(_HEAD + _MAMBA + _FFN)}, **{k: len(_HEAD) + i for i, k in enumerate(_ATTN)}}
+_REC = len(_HEAD + _MAMBA + _FFN)
+
+
+def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
+    """Whether ``DecodePlan`` can run this forward: one token per row, at most MAX_ROWS rows, no mask, no
+    gradient, CPU, fp32/bf16, and only full attention without RoPE (Jamba's layers)."""
+    cfg = model.config
+    w = model.lm_head.weight
+    return (mask is None and input_ids.shape[1] == 1 and input_ids.shape[0] <= MAX_ROWS
+            and input_ids.device.type == "cpu" and w.dtype in _DTYPES and cfg.rope_theta is None
+            and "local" not in (cfg.mixer(i) for i in range(cfg.num_hidden_layers))
+            and not (torch.is_grad_enabled() and w.requires_grad))
+
+
+class DecodePlan:
+    """Pointers to every weight and cache buffer a decode step reads, laid out for
+    ``hybridlm_decode_layers``; built once per (model, cache) and rebuilt when a parameter is replaced,
+    moved or updated in place, or a cache buffer is replaced."""
+
+    def __init__(self, model, cache):
+        if build.load().hybridlm_decode_rec_len() != _REC:
+            raise RuntimeError("kernels/csrc/decode.cpp and decode_cpu.py disagree on the decode record layout")
+        self.model_id = id(model)
+        self.keep: list = []                              # what the records point into
+        self.watch: list = []                             # (owner dict, key, tensor, data_ptr, version)
+        cfg = model.config
+        recs = torch.zeros(cfg.num_hidden_layers, _REC, dtype=torch.int64)
+        for i, layer in enumerate(model.model.layers):
+            rec = {"norm1": self._p(layer.input_layernorm, "weight"), "norm2": self._p(layer.pre_ff_layernorm, "weight"),
+                   "norm_bf16": _is16(layer.input_layernorm.weight), "w_bf16": _is16(model.lm_head.weight)}
+            state = cache.layers[i]
+            if layer.kind == "mamba":
+                m = layer.mamba
+                small = _mamba_small(m.in_proj.bias, m.out_proj.bias, m.conv1d.weight, m.conv1d.bias,
+                                     m.dt_layernorm.weight, m.b_layernorm.weight, m.c_layernorm.weight,
+                                     m.dt_proj.bias, m.A_log, m.D)
+                small = [None if t is None else t.detach().float().contiguous() for t in small]
+                self.keep += small
+                for mod in (m, m.in_proj, m.out_proj, m.conv1d, m.dt_layernorm, m.b_layernorm, m.c_layernorm,
+                            m.dt_proj):
+                    for name in mod._parameters:
+                        self._p(mod, name)
+                rec.update(mixer=0, w_in=self._p(m.in_proj, "weight"), w_x=self._p(m.x_proj, "weight"),
+                           w_dt=self._p(m.dt_proj, "weight"), w_out=self._p(m.out_proj, "weight"),
+                           conv=self._state(state.conv), conv_bf16=_is16(state.conv), ssm=self._state(state.ssm),
+                           d_in=m.d_in, n=m.n, r=m.r, k=m.k,
+                           **{k: ptr(t) or 0 for k, t in zip(("in_b", "out_b", "conv_w", "conv_b", "dt_ln", "b_ln",
+                                                              "c_ln", "dt_b", "A", "D"), small)})
+            else:
+                a = layer.self_attn
+                rec.update(mixer=1, wq=self._p(a.q_proj, "weight"), wk=self._p(a.k_proj, "weight"),
+                           wv=self._p(a.v_proj, "weight"), wo=self._p(a.o_proj, "weight"),
+                           kc=self._state(state.k), vc=self._state(state.v), kv_bf16=_is16(state.k),
+                           h=a.h, h_kv=a.h_kv, s=state.k.shape[2], dh=a.d_h)
+            ff = layer.feed_forward
+            if hasattr(ff, "experts"):
+                arrays = [(ctypes.c_int64 * len(ff.experts))(*(self._p(getattr(ex, proj), "weight")
+                                                               for ex in ff.experts))
+                          for proj in ("gate_proj", "up_proj", "down_proj")]
+                self.keep += arrays
+                rec.update(ffn=1, f_a=self._p(ff.router, "weight"), f_b=ctypes.addressof(arrays[0]),
+                           f_c=ctypes.addressof(arrays[1]), f_d=ctypes.addressof(arrays[2]),
+                           ff=ff.experts[0].gate_proj.weight.shape[0], e=len(ff.experts), topk=ff.top_k,
+                           renorm=int(ff.renormalize))
+            else:
+                rec.update(ffn=0, f_a=self._p(ff.gate_proj, "weight"), f_b=self._p(ff.up_proj, "weight"),
+                           f_c=self._p(ff.down_proj, "weight"), ff=ff.gate_proj.weight.shape[0])
+            for k, v in rec.items():
+                recs[i, _INDEX[k]] = v
+        dtypes = {w.dtype for _, key, w, _, _ in self.watch if key == "weight" and w.dim() == 2}
+        if len(dtypes) != 1 or not dtypes <= set(_DTYPES):
+            raise ValueError(f"the decode plan needs one weight dtype, fp32 or bf16; found {sorted(map(str, dtypes))}")
+        self.recs = recs
+
+    def _p(self, module, name: str) -> int:
+        t = module._parameters[name]
+        if t is not None:
+            self.watch.append((module._parameters, name, t, t.data_ptr(), t._version))
+            if not t.is_contiguous():
+                raise ValueError(f"the decode plan needs contiguous weights; {name} of {type(module).__name__} is not")
+        return 0 if t is None else t.data_ptr()
+
+    @staticmethod
+    def _state(t: torch.Tensor) -> int:
+        if not t.is_contiguous() or t.dtype not in _DTYPES:
+            raise ValueError("the decode plan needs the contiguous fp32/bf16 cache buffers HybridLM.new_cache "
+                             "allocates")
+        return t.data_ptr()
+
+    def current(self, model, cache) -> bool:
+        """False when the model's weights or the cache's buffers are no longer the ones planned."""
+        if id(model) != self.model_id:
+            return False
+        for owner, key, t, p, v in self.watch:
+            if owner.get(key) is not t or t.data_ptr() != p or t._version != v:
+                return False
+        return all(self._same_state(s, i) for i, s in enumerate(cache.layers))
+
+    def _same_state(self, s, i) -> bool:
+        base = self.recs[i]
+        if hasattr(s, "ssm"):
+            return s.ssm.data_ptr() == int(base[_INDEX["ssm"]]) and s.conv.data_ptr() == int(base[_INDEX["conv"]])
+        return s.k.data_ptr() == int(base[_INDEX["kc"]]) and s.v.data_ptr() == int(base[_INDEX["vc"]])
+
+
+def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
+    """HybridLM.forward for one token per row with a cache, through one C++ call for all layers:
+    input_ids [b, 1] -> logits [b, 1, v] in the model's dtype; the cache advances by one position."""
+    plan = cache.__dict__.get("_decode_plan")
+    if plan is None or not plan.current(model, cache):
+        plan = DecodePlan(model, cache)
+        cache.__dict__["_decode_plan"] = plan
+    b = input_ids.shape[0]
+    start = cache.pos
+    cache.advance(1)
+    emb = model.model.embed_tokens
+    x = emb(input_ids)[:, 0].float().contiguous()                                     # [b, d] fp32 residual
+    d = x.shape[1]
+    final = model.model.final_layernorm
+    build.load().hybridlm_decode_layers(ptr(plan.recs), plan.recs.shape[0], ptr(x), ptr(cache.valid),
+                                        cache.valid.stride(0), start, b, d, final.eps, torch.get_num_threads())
+    h = rmsnorm_step(final, x)
+    return linear_step(h, model.lm_head.weight).to(emb.weight.dtype)[:, None]

@@ -540,4 +540,73 @@ void hybridlm_rmsnorm_step(const void* x, void* out, int act_bf16, const void* w
     }
 }
 
+// A whole decode step through every layer, for models whose attention layers are full attention
+// without positional encoding (Jamba's layout): the per-layer calls above, chained here so Python
+// dispatches once per step instead of ~40 times. x [b, d] fp32: the embedded tokens in, the last
+// layer's output out (before the final norm). Each layer is described by REC int64 fields (pointers
+// as integers), filled by kernels/decode_cpu.py's DecodePlan; `pos` is the cache slot of this token.
+enum Rec : int64_t {
+    R_MIXER, R_FFN, R_NORM1, R_NORM2, R_NORM_BF16, R_W_BF16,
+    // Mamba (R_MIXER == 0)
+    R_W_IN, R_W_X, R_W_DT, R_W_OUT, R_IN_B, R_OUT_B, R_CONV_W, R_CONV_B, R_DT_LN, R_B_LN, R_C_LN, R_DT_B, R_A, R_D,
+    R_CONV, R_CONV_BF16, R_SSM, R_D_IN, R_N, R_R, R_K,
+    // attention (R_MIXER == 1) reuses the Mamba slots from R_W_IN on
+    R_WQ = R_W_IN, R_WK, R_WV, R_WO, R_KC, R_VC, R_KV_BF16, R_H, R_H_KV, R_S, R_DH,
+    // feed-forward: MLP (R_FFN == 0) or MoE (R_FFN == 1)
+    R_F_A = R_K + 1, R_F_B, R_F_C, R_F_D, R_FF, R_E, R_TOPK, R_RENORM,
+    REC
+};
+
+int64_t hybridlm_decode_rec_len() { return REC; }
+
+void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const uint8_t* valid, int64_t valid_stride,
+                            int64_t pos, int64_t b, int64_t d, float eps, int threads) {
+    std::vector<float> h(b * d), o(b * d);
+    std::vector<float> q, kv, att, logits;
+    auto P = [](int64_t v) { return reinterpret_cast<void*>(v); };
+    for (int64_t li = 0; li < layers; ++li) {
+        const int64_t* r = recs + li * REC;
+        const int nb = static_cast<int>(r[R_NORM_BF16]), wb = static_cast<int>(r[R_W_BF16]);
+        hybridlm_rmsnorm_step(x, h.data(), 0, P(r[R_NORM1]), nb, eps, b, d);
+        if (r[R_MIXER] == 0) {
+            hybridlm_mamba_step(h.data(), o.data(), 0, P(r[R_W_IN]), P(r[R_W_X]), P(r[R_W_DT]), P(r[R_W_OUT]), wb,
+                                (const float*)P(r[R_IN_B]), (const float*)P(r[R_OUT_B]), (const float*)P(r[R_CONV_W]),
+                                (const float*)P(r[R_CONV_B]), (const float*)P(r[R_DT_LN]), (const float*)P(r[R_B_LN]),
+                                (const float*)P(r[R_C_LN]), eps, (const float*)P(r[R_DT_B]), (const float*)P(r[R_A]),
+                                (const float*)P(r[R_D]), P(r[R_CONV]), static_cast<int>(r[R_CONV_BF16]),
+                                (float*)P(r[R_SSM]), b, d, r[R_D_IN], r[R_N], r[R_R], r[R_K], threads);
+        } else {
+            const int64_t nh = r[R_H], nkv = r[R_H_KV], S = r[R_S], dh = r[R_DH];
+            const bool c16 = r[R_KV_BF16];
+            q.resize(b * nh * dh);
+            kv.resize(b * nkv * dh);
+            att.resize(b * nh * dh);
+            hybridlm_linear_step(h.data(), 0, P(r[R_WQ]), wb, nullptr, q.data(), b, d, nh * dh, threads);
+            for (int which = 0; which < 2; ++which) {   // K then V of this token into slot `pos`
+                hybridlm_linear_step(h.data(), 0, P(which ? r[R_WV] : r[R_WK]), wb, nullptr, kv.data(), b, d, nkv * dh,
+                                     threads);
+                void* cache = P(which ? r[R_VC] : r[R_KC]);
+                for (int64_t bi = 0; bi < b; ++bi)
+                    for (int64_t hk = 0; hk < nkv; ++hk)
+                        for (int64_t c = 0; c < dh; ++c)
+                            put(cache, ((bi * nkv + hk) * S + pos) * dh + c, kv[(bi * nkv + hk) * dh + c], c16);
+            }
+            hybridlm_attn_step(q.data(), att.data(), 0, P(r[R_KC]), P(r[R_VC]), c16, valid, valid_stride, b, nh, nkv, S,
+                               pos + 1, dh, 1.0f / std::sqrt(static_cast<float>(dh)), threads);
+            hybridlm_linear_step(att.data(), 0, P(r[R_WO]), wb, nullptr, o.data(), b, nh * dh, d, threads);
+        }
+        for (int64_t i = 0; i < b * d; ++i) x[i] += o[i];
+        hybridlm_rmsnorm_step(x, h.data(), 0, P(r[R_NORM2]), nb, eps, b, d);
+        if (r[R_FFN] == 0) {
+            hybridlm_mlp_step(h.data(), o.data(), 0, P(r[R_F_A]), P(r[R_F_B]), P(r[R_F_C]), wb, b, d, r[R_FF], threads);
+        } else {
+            logits.resize(b * r[R_E]);
+            hybridlm_moe_step(h.data(), o.data(), 0, P(r[R_F_A]), (const void* const*)P(r[R_F_B]),
+                              (const void* const*)P(r[R_F_C]), (const void* const*)P(r[R_F_D]), wb, logits.data(), b, d,
+                              r[R_FF], r[R_E], r[R_TOPK], static_cast<int>(r[R_RENORM]), threads);
+        }
+        for (int64_t i = 0; i < b * d; ++i) x[i] += o[i];
+    }
+}
+
 }  // extern "C"
