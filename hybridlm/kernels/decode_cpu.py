@@ -87,7 +87,14 @@ def mlp_step(mlp, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _mamba_sources(m) -> tuple:
+    """The mixer's small parameters, in _mamba_small's order."""
+    return (m.in_proj.bias, m.out_proj.bias, m.conv1d.weight, m.conv1d.bias, m.dt_layernorm.weight,
+            m.b_layernorm.weight, m.c_layernorm.weight, m.dt_proj.bias, m.A_log, m.D)
+
+
 def _mamba_small(in_b, out_b, conv_w, conv_b, dt_ln, b_ln, c_ln, dt_b, A_log, D) -> tuple:
+    """What the kernel reads of them: the conv weight as [d_in, k], A = -exp(A_log)."""
     return in_b, out_b, conv_w[:, 0], conv_b, dt_ln, b_ln, c_ln, dt_b, -torch.exp(A_log.float()), D
 
 
@@ -101,9 +108,7 @@ def mamba_step(m, x: torch.Tensor, state) -> torch.Tensor:
     x = x.contiguous()
     b, _, d = x.shape
     out = torch.empty_like(x)
-    sources = (m.in_proj.bias, m.out_proj.bias, m.conv1d.weight, m.conv1d.bias, m.dt_layernorm.weight,
-               m.b_layernorm.weight, m.c_layernorm.weight, m.dt_proj.bias, m.A_log, m.D)
-    in_b, out_b, conv_w, conv_b, dt_ln, b_ln, c_ln, dt_b, A, D = _small_params(m, sources, _mamba_small)
+    in_b, out_b, conv_w, conv_b, dt_ln, b_ln, c_ln, dt_b, A, D = _small_params(m, _mamba_sources(m), _mamba_small)
     w = m.in_proj.weight
     build.load().hybridlm_mamba_step(
         ptr(x), ptr(out), _is16(x), ptr(w), ptr(m.x_proj.weight), ptr(m.dt_proj.weight), ptr(m.out_proj.weight),
@@ -132,8 +137,9 @@ def attn_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, val
     return out
 
 
-def _pointer_array(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+def _pointer_array(pointers: list[int]) -> ctypes.Array:
+    """A C array of pointers (an argument of type ``const void* const*``)."""
+    return (ctypes.c_void_p * len(pointers))(*pointers)
 
 
 def moe_step(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +151,8 @@ def moe_step(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     f = moe.experts[0].gate_proj.weight.shape[0]
     out = torch.empty_like(x)
     logits = torch.empty(rows, e, dtype=torch.float32)
-    gate = _pointer_array([ex.gate_proj.weight for ex in moe.experts])
-    up = _pointer_array([ex.up_proj.weight for ex in moe.experts])
-    down = _pointer_array([ex.down_proj.weight for ex in moe.experts])
+    gate, up, down = (_pointer_array([getattr(ex, proj).weight.data_ptr() for ex in moe.experts])
+                      for proj in ("gate_proj", "up_proj", "down_proj"))
     build.load().hybridlm_moe_step(ptr(x), ptr(out), _is16(x), ptr(moe.router.weight), gate, up, down,
                                    _is16(moe.router.weight), ptr(logits), rows, d, f, e, moe.top_k,
                                    int(moe.renormalize), torch.get_num_threads())
@@ -187,7 +192,8 @@ class DecodePlan:
             raise RuntimeError("kernels/csrc/decode.cpp and decode_cpu.py disagree on the decode record layout")
         self.model_id = id(model)
         self.keep: list = []                              # what the records point into
-        self.watch: list = []                             # (owner dict, key, tensor, data_ptr, version)
+        self.watch: dict = {}                             # (id(owner dict), key) -> (owner, key, tensor, ptr, version)
+        self.states: list = []                            # (layer, buffer name, data_ptr) of the cache
         cfg = model.config
         recs = torch.zeros(cfg.num_hidden_layers, _REC, dtype=torch.int64)
         for i, layer in enumerate(model.model.layers):
@@ -196,18 +202,16 @@ class DecodePlan:
             state = cache.layers[i]
             if layer.kind == "mamba":
                 m = layer.mamba
-                small = _mamba_small(m.in_proj.bias, m.out_proj.bias, m.conv1d.weight, m.conv1d.bias,
-                                     m.dt_layernorm.weight, m.b_layernorm.weight, m.c_layernorm.weight,
-                                     m.dt_proj.bias, m.A_log, m.D)
-                small = [None if t is None else t.detach().float().contiguous() for t in small]
+                small = [None if t is None else t.detach().float().contiguous()
+                         for t in _mamba_small(*_mamba_sources(m))]
                 self.keep += small
-                for mod in (m, m.in_proj, m.out_proj, m.conv1d, m.dt_layernorm, m.b_layernorm, m.c_layernorm,
-                            m.dt_proj):
+                for mod in m.modules():                   # the fp32 copies above derive from all of them
                     for name in mod._parameters:
                         self._p(mod, name)
                 rec.update(mixer=0, w_in=self._p(m.in_proj, "weight"), w_x=self._p(m.x_proj, "weight"),
                            w_dt=self._p(m.dt_proj, "weight"), w_out=self._p(m.out_proj, "weight"),
-                           conv=self._state(state.conv), conv_bf16=_is16(state.conv), ssm=self._state(state.ssm),
+                           conv=self._state(i, state, "conv"), conv_bf16=_is16(state.conv),
+                           ssm=self._state(i, state, "ssm"),
                            d_in=m.d_in, n=m.n, r=m.r, k=m.k,
                            **{k: ptr(t) or 0 for k, t in zip(("in_b", "out_b", "conv_w", "conv_b", "dt_ln", "b_ln",
                                                               "c_ln", "dt_b", "A", "D"), small)})
@@ -215,12 +219,11 @@ class DecodePlan:
                 a = layer.self_attn
                 rec.update(mixer=1, wq=self._p(a.q_proj, "weight"), wk=self._p(a.k_proj, "weight"),
                            wv=self._p(a.v_proj, "weight"), wo=self._p(a.o_proj, "weight"),
-                           kc=self._state(state.k), vc=self._state(state.v), kv_bf16=_is16(state.k),
+                           kc=self._state(i, state, "k"), vc=self._state(i, state, "v"), kv_bf16=_is16(state.k),
                            h=a.h, h_kv=a.h_kv, s=state.k.shape[2], dh=a.d_h)
             ff = layer.feed_forward
             if hasattr(ff, "experts"):
-                arrays = [(ctypes.c_int64 * len(ff.experts))(*(self._p(getattr(ex, proj), "weight")
-                                                               for ex in ff.experts))
+                arrays = [_pointer_array([self._p(getattr(ex, proj), "weight") for ex in ff.experts])
                           for proj in ("gate_proj", "up_proj", "down_proj")]
                 self.keep += arrays
                 rec.update(ffn=1, f_a=self._p(ff.router, "weight"), f_b=ctypes.addressof(arrays[0]),
@@ -232,7 +235,7 @@ class DecodePlan:
                            f_c=self._p(ff.down_proj, "weight"), ff=ff.gate_proj.weight.shape[0])
             for k, v in rec.items():
                 recs[i, _INDEX[k]] = v
-        dtypes = {w.dtype for _, key, w, _, _ in self.watch if key == "weight" and w.dim() == 2}
+        dtypes = {w.dtype for _, key, w, _, _ in self.watch.values() if key == "weight" and w.dim() == 2}
         if len(dtypes) != 1 or not dtypes <= set(_DTYPES):
             raise ValueError(f"the decode plan needs one weight dtype, fp32 or bf16; found {sorted(map(str, dtypes))}")
         self.recs = recs
@@ -240,32 +243,27 @@ class DecodePlan:
     def _p(self, module, name: str) -> int:
         t = module._parameters[name]
         if t is not None:
-            self.watch.append((module._parameters, name, t, t.data_ptr(), t._version))
+            self.watch[id(module._parameters), name] = (module._parameters, name, t, t.data_ptr(), t._version)
             if not t.is_contiguous():
                 raise ValueError(f"the decode plan needs contiguous weights; {name} of {type(module).__name__} is not")
         return 0 if t is None else t.data_ptr()
 
-    @staticmethod
-    def _state(t: torch.Tensor) -> int:
+    def _state(self, i: int, state, name: str) -> int:
+        t = getattr(state, name)
         if not t.is_contiguous() or t.dtype not in _DTYPES:
             raise ValueError("the decode plan needs the contiguous fp32/bf16 cache buffers HybridLM.new_cache "
                              "allocates")
+        self.states.append((i, name, t.data_ptr()))
         return t.data_ptr()
 
     def current(self, model, cache) -> bool:
         """False when the model's weights or the cache's buffers are no longer the ones planned."""
         if id(model) != self.model_id:
             return False
-        for owner, key, t, p, v in self.watch:
+        for owner, key, t, p, v in self.watch.values():
             if owner.get(key) is not t or t.data_ptr() != p or t._version != v:
                 return False
-        return all(self._same_state(s, i) for i, s in enumerate(cache.layers))
-
-    def _same_state(self, s, i) -> bool:
-        base = self.recs[i]
-        if hasattr(s, "ssm"):
-            return s.ssm.data_ptr() == int(base[_INDEX["ssm"]]) and s.conv.data_ptr() == int(base[_INDEX["conv"]])
-        return s.k.data_ptr() == int(base[_INDEX["kc"]]) and s.v.data_ptr() == int(base[_INDEX["vc"]])
+        return all(getattr(cache.layers[i], name).data_ptr() == p for i, name, p in self.states)
 
 
 def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,19 @@ inline void put(void* p, int64_t i, float v, bool is_bf16) {
     else static_cast<float*>(p)[i] = v;
 }
 
+// n activations (fp32 or bf16) as an fp32 copy
+inline std::vector<float> load_act(const void* x, int64_t n, bool is_bf16) {
+    std::vector<float> xf(n);
+    for (int64_t i = 0; i < n; ++i) xf[i] = get(x, i, is_bf16);
+    return xf;
+}
+
+// out[bi, c] = src[bi, c] (rounded to out's dtype) for the b rows and the columns [c0, c1) of [b, ld]
+inline void store_cols(void* out, const float* src, int64_t b, int64_t ld, int64_t c0, int64_t c1, bool is_bf16) {
+    for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t c = c0; c < c1; ++c) put(out, bi * ld + c, src[bi * ld + c], is_bf16);
+}
+
 // W consecutive weights as fp32 (bf16 is the top half of an fp32)
 inline vf loadw(const float* p) {
     vf v;
@@ -227,15 +240,13 @@ extern "C" {
 // out [b, o] (fp32 or bf16) = x [b, k] (fp32 or bf16) @ w[o, k]^T (+ bias fp32 [o])
 void hybridlm_linear_step(const void* x, int act_bf16, const void* w, int w_bf16, const float* bias, void* out,
                           int64_t b, int64_t k, int64_t o, int threads) {
-    std::vector<float> xf(b * k), of(b * o);
-    for (int64_t i = 0; i < b * k; ++i) xf[i] = get(x, i, act_bf16);
+    std::vector<float> xf = load_act(x, b * k, act_bf16), of(b * o);
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
         split(o, omp_get_thread_num(), omp_get_num_threads(), RB, r0, r1);
         gemv(w, w_bf16, bias, xf.data(), of.data(), o, b, k, r0, r1);
-        for (int64_t bi = 0; bi < b; ++bi)
-            for (int64_t r = r0; r < r1; ++r) put(out, bi * o + r, of[bi * o + r], act_bf16);
+        store_cols(out, of.data(), b, o, r0, r1, act_bf16);
     }
 }
 
@@ -269,14 +280,12 @@ extern "C" {
 // out [b, d] = down(silu(gate(x)) * up(x)); x and out [b, d], weights gate/up [f, d], down [d, f]
 void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const void* wg, const void* wu, const void* wd,
                        int w_bf16, int64_t b, int64_t d, int64_t f, int threads) {
-    std::vector<float> xf(b * d), g(b * f), u(b * f), of(b * d);
-    for (int64_t i = 0; i < b * d; ++i) xf[i] = get(x, i, act_bf16);
+    std::vector<float> xf = load_act(x, b * d, act_bf16), g(b * f), u(b * f), of(b * d);
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
         mlp_share(xf.data(), wg, wu, wd, w_bf16, g.data(), u.data(), of.data(), b, d, f, r0, r1);
-        for (int64_t bi = 0; bi < b; ++bi)
-            for (int64_t r = r0; r < r1; ++r) put(out, bi * d + r, of[bi * d + r], act_bf16);
+        store_cols(out, of.data(), b, d, r0, r1, act_bf16);
     }
 }
 
@@ -287,10 +296,9 @@ void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const void* wg, c
 void hybridlm_moe_step(const void* x, void* out, int act_bf16, const void* router, const void* const* wg,
                        const void* const* wu, const void* const* wd, int w_bf16, float* logits, int64_t b,
                        int64_t d, int64_t f, int64_t e, int64_t topk, int renorm, int threads) {
-    std::vector<float> xf(b * d), g(f), u(f), of(d), acc(b * d, 0.0f), prob(e);
+    std::vector<float> xf = load_act(x, b * d, act_bf16), g(f), u(f), of(d), acc(b * d, 0.0f), prob(e);
     std::vector<int64_t> chosen(b * topk);
     std::vector<float> weight(b * topk);
-    for (int64_t i = 0; i < b * d; ++i) xf[i] = get(x, i, act_bf16);
     gemv(router, w_bf16, nullptr, xf.data(), logits, e, b, d, 0, e);
     for (int64_t bi = 0; bi < b; ++bi) {
         const float* lg = logits + bi * e;
@@ -326,8 +334,7 @@ void hybridlm_moe_step(const void* x, void* out, int act_bf16, const void* route
                 for (int64_t r = r0; r < r1; ++r) acc[bi * d + r] += weight[bi * topk + q] * of[r];
 #pragma omp barrier
             }
-        for (int64_t bi = 0; bi < b; ++bi)
-            for (int64_t r = r0; r < r1; ++r) put(out, bi * d + r, acc[bi * d + r], act_bf16);
+        store_cols(out, acc.data(), b, d, r0, r1, act_bf16);
     }
 }
 
@@ -343,8 +350,8 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
                          void* conv_state, int state_bf16, float* ssm,
                          int64_t b, int64_t d, int64_t d_in, int64_t n, int64_t r, int64_t k, int threads) {
     const int64_t nx = r + 2 * n;
-    std::vector<float> xf(b * d), xz(b * 2 * d_in), u(b * d_in), dbc(b * nx), y(b * d_in), of(b * d);
-    for (int64_t i = 0; i < b * d; ++i) xf[i] = get(x, i, act_bf16);
+    std::vector<float> xf = load_act(x, b * d, act_bf16), xz(b * 2 * d_in), u(b * d_in), dbc(b * nx), y(b * d_in),
+        of(b * d);
     const bool w16 = w_bf16, s16 = state_bf16;
 #pragma omp parallel num_threads(threads)
     {
@@ -404,8 +411,7 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
         // out = out_proj(y)
         split(d, t, nt, RB, c0, c1);
         gemv(w_out, w16, out_bias, y.data(), of.data(), d, b, d_in, c0, c1);
-        for (int64_t bi = 0; bi < b; ++bi)
-            for (int64_t c = c0; c < c1; ++c) put(out, bi * d + c, of[bi * d + c], act_bf16);
+        store_cols(out, of.data(), b, d, c0, c1, act_bf16);
     }
 }
 
