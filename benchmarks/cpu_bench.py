@@ -480,6 +480,27 @@ def _tokens_fmt():
     return FuncFormatter(lambda x, _: f"{x / 1024:g}K" if x >= 1024 else f"{x:g}")
 
 
+def _context_axes(ax, xlabel: str, ylabel: str, title: str):
+    """Log-log axes over a context length in tokens (1K, 2K, ...)."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(_tokens_fmt())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, out: Path, suffix: str) -> str:
+    """Write the figure beside the report as <name><suffix>.png; returns the file name."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    p = out.with_name(out.name + suffix + ".png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p.name
+
+
 def plot(res: dict, out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -505,11 +526,7 @@ def plot(res: dict, out: Path) -> list[str]:
     ax.set_title(f"bench-88m on {res['env']['cpu']}, {res['env']['threads']} threads")
     ax.legend(fontsize=8)
     ax.margins(y=0.25)
-    fig.tight_layout()
-    p = out.with_name(out.name + "_systems.png")
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    files.append(p.name)
+    files.append(_save(fig, out, "_systems"))
     if res.get("context"):
         rows = res["context"]["rows"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -519,38 +536,19 @@ def plot(res: dict, out: Path) -> list[str]:
                 pts = sorted((r["context"], r[field]) for r in rows if r["model"] == name)
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style,
                         label="hybrid bench-88m" if name == "hybrid" else "pure transformer, equal params")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.xaxis.set_major_formatter(_tokens_fmt())
-            ax.set_xlabel("context N (tokens)")
-            ax.set_ylabel("tokens / s (log)")
-            ax.set_title(title)
+            _context_axes(ax, "context N (tokens)", "tokens / s (log)", title)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
         fig.suptitle(f"hybrid vs pure transformer, {res['args']['context_dtype']}, {res['env']['threads']} threads")
-        fig.tight_layout()
-        p = out.with_name(out.name + "_context.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        files.append(p.name)
+        files.append(_save(fig, out, "_context"))
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         plan = res["cache_plan"]
         for name, style in (("hybrid", "o-"), ("transformer", "s--")):
             ax.plot([r["context"] for r in plan], [r[name] / 2**20 for r in plan], style,
                     label="hybrid bench-88m" if name == "hybrid" else "pure transformer, equal params")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(_tokens_fmt())
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(f"inference cache (MiB, {res['args']['context_dtype']})")
-        ax.set_title("cache bytes vs context (KV + conv + SSM state)")
+        _context_axes(ax, "context (tokens)", f"inference cache (MiB, {res['args']['context_dtype']})",
+                      "cache bytes vs context (KV + conv + SSM state)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out.with_name(out.name + "_cache.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        files.append(p.name)
+        files.append(_save(fig, out, "_cache"))
     return files
 
 
