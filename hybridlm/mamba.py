@@ -66,12 +66,12 @@ class MambaMixer(nn.Module):
         dt = self.dt_layernorm(dt)
         B = self.b_layernorm(B)
         C = self.c_layernorm(C)
-        # bias and softplus in fp32, as the reference kernel does (delta_bias, delta_softplus)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # [b, l, d_in]
+        dt = F.linear(dt, self.dt_proj.weight)                 # [b, l, d_in]; its bias goes in with the softplus
         A = -torch.exp(self.A_log.float())                      # [d_in, n]
-        y, h = selective_scan(u, delta, A, B, C, self.D.float(),
-                              state.ssm if state is not None else None)  # y: [b, l, d_in] fp32
+        # delta = softplus(dt + bias) in fp32 (the reference kernel's delta_bias, delta_softplus), and the
+        # output gate y * silu(z): both inside selective_scan, which fuses them where it can (kernels/)
+        y, h = selective_scan(u, dt, A, B, C, self.D.float(), state.ssm if state is not None else None,
+                              delta_bias=self.dt_proj.bias, z=z)          # y: [b, l, d_in] in z's dtype
         if state is not None:
             state.ssm.copy_(h)
-        y = y * F.silu(z.float())
         return self.out_proj(y.to(x.dtype))

@@ -7,10 +7,9 @@ is dropped. Tokens are dispatched grouped by expert: one matmul per expert over 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .kernels import decode_kernels, linear, mlp_step, moe_step
+from .kernels import decode_kernels, linear, mlp_step, moe_step, silu_mul
 
 
 class MLP(nn.Module):
@@ -23,7 +22,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if decode_kernels(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
             return mlp_step(self, x)                                  # a few rows: fused (kernels/decode_cpu.py)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class MoE(nn.Module):

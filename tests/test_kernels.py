@@ -69,6 +69,64 @@ def test_scan_forward_bf16_inputs(threads):
     assert rel(y, y32) < 1e-5
 
 
+def within_one_rounding(out, oracle, dtype):
+    """out is the fp32 oracle rounded once to dtype: within half a bf16 ulp (<= 2^-8 relative) of each value,
+    plus fp32 summation-order differences (1e-5 of the largest value)."""
+    tol = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+    return bool(((out.float() - oracle).abs() <= oracle.abs() * tol + 1e-5 * oracle.abs().max()).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,with_h0", [((2, 70, 37, 5), True), ((1, 130, 64, 16), False)])
+def test_scan_inference_fuses_softplus_and_gate(threads, shape, with_h0, dtype):
+    """The inference forward (no autograd): delta = softplus(dt + bias) and y * silu(z) inside the
+    kernel, bf16 read and written in place, z a column slice of a wider tensor (in_proj's output)."""
+    b, l, d_in, n = shape
+    u, _, A, B, C, D, h0 = scan_inputs(*shape, h0=with_h0, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    dt = (torch.randn(b, l, d_in, generator=g) * 3 - 2).to(dtype)
+    bias = torch.randn(d_in, generator=g)
+    z = torch.randn(b, l, 2 * d_in, generator=g).to(dtype)[..., d_in:]
+    y, h = scan_cpu.selective_scan_infer(u, dt, A, B, C, D, h0, bias, z)
+    delta = F.softplus(dt.float() + bias)                                   # Mamba's torch ops, in fp32
+    y_ref, h_ref = selective_scan_ref(u, delta, A, B, C, D, h0)
+    y_ref = y_ref * F.silu(z.float())
+    assert y.dtype == dtype and h.dtype == torch.float32 and y.is_contiguous()
+    assert rel(h, h_ref) < 1e-5
+    assert within_one_rounding(y, y_ref, dtype)
+    y_plain, _ = scan_cpu.selective_scan_infer(u, delta, A, B, C, D, h0)   # no bias, no gate: fp32 y
+    assert y_plain.dtype == torch.float32 and rel(y_plain, selective_scan_ref(u, delta, A, B, C, D, h0)[0]) < 1e-5
+
+
+def test_scan_softplus_matches_torch_over_the_whole_range():
+    """One step with u = B = C = 1, D = 0 returns delta itself: the kernel's softplus, value by value."""
+    dt = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([-88.0, -87.0, 0.0, 19.99, 20.0, 20.01, 1e-6])])
+    d_in = dt.numel()
+    one = torch.ones(1, 1, d_in)
+    y, _ = scan_cpu.selective_scan_infer(one, dt.view(1, 1, d_in), -torch.ones(d_in, 1), torch.ones(1, 1, 1),
+                                         torch.ones(1, 1, 1), torch.zeros(d_in), None, torch.zeros(d_in))
+    ref = F.softplus(dt.double())
+    err = (y[0, 0].double() - ref).abs()
+    assert bool((err <= ref.abs() * 1e-6 + 1e-37).all()), dt[err.argmax()].item()   # vexp flushes below e^-87.3
+
+
+def test_scan_dispatch_fused_without_grad_and_autograd_with(threads, monkeypatch):
+    """kernels.selective_scan takes the fused inference kernel only when no gradient is wanted; with
+    one it runs the autograd kernel plus torch ops for softplus and gate, and both agree."""
+    u, _, A, B, C, D, h0 = scan_inputs(2, 40, 24, 8)
+    dt, bias, z = torch.randn(2, 40, 24), torch.randn(24), torch.randn(2, 40, 24)
+    calls = []
+    real = kernels.selective_scan_infer
+    monkeypatch.setattr(kernels, "selective_scan_infer", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y0, h0_ = kernels.selective_scan(u, dt, A, B, C, D, h0, delta_bias=bias, z=z)
+    assert calls == [1] and y0.grad_fn is None
+    dt.requires_grad_()
+    y1, h1 = kernels.selective_scan(u, dt, A, B, C, D, h0, delta_bias=bias, z=z)
+    assert calls == [1] and y1.grad_fn is not None
+    assert rel(y0, y1) < 1e-5 and rel(h0_, h1) < 1e-5
+
+
 def test_scan_exp_accuracy_over_the_whole_range():
     """One step from h0 = 1 with no input reads exp(delta * A) straight out: relative error ~1e-7
     where exp is a normal float, exactly 0 once it would underflow."""
@@ -167,6 +225,36 @@ def test_conv_without_bias_and_bf16(threads):
     assert rel(out, out_ref) < 2e-2   # the reference convolves in bf16, the kernel in fp32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_inference_reads_strided_input_in_its_dtype(threads, dtype, with_state):
+    """The inference forward reads x as a column slice of a wider tensor (u of in_proj's output), in
+    bf16 or fp32, and writes the conv in x's dtype: the fp32 result rounded once; state as the reference."""
+    x, w, bias, state = conv_inputs(2, 37, 40, 4, dtype=dtype)
+    wide = torch.cat([x, torch.randn(2, 37, 40).to(dtype)], -1)[..., :40]
+    assert not wide.is_contiguous()
+    s_fast, s_ref = state.clone(), state.float().clone()
+    out = conv_cpu.causal_conv1d_infer(wide, w, bias, s_fast if with_state else None)
+    oracle = causal_conv1d_ref(x.float(), w, bias, s_ref if with_state else None)
+    assert out.dtype == dtype and within_one_rounding(out, oracle, dtype)
+    if with_state:
+        assert torch.equal(s_fast.float(), s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_fused_without_grad(threads, dtype):
+    g0, u = torch.randn(37, 53).to(dtype), torch.randn(37, 53).to(dtype)    # 1961 values: a partial vector
+    oracle = F.silu(g0.float()) * u.float()
+    g = g0.clone()
+    with torch.no_grad():
+        out = kernels.silu_mul(g, u)
+    assert out.data_ptr() == g.data_ptr() and out.dtype == dtype           # written in place
+    assert within_one_rounding(out, oracle, dtype)
+    g = g0.clone().requires_grad_()
+    out = kernels.silu_mul(g, u)                                            # with grad: torch ops
+    assert out.grad_fn is not None and torch.equal(out, F.silu(g0) * u)
+
+
 def test_conv_decode_steps_continue_prefill():
     """Prefill 5 tokens, then decode one at a time: equals the reference over all tokens, and the
     state is rolled in place (same tensor, same values as the reference's)."""
@@ -226,6 +314,23 @@ def test_other_devices_take_the_torch_paths():
 
 
 # ---- end to end ------------------------------------------------------------------------------------
+def test_bf16_inference_at_least_as_close_to_fp32_as_torch_ops(backend):
+    """A bf16 forward without gradients (fused scan/conv/SwiGLU kernels, one rounding each) is at
+    least as close to the fp32 model as the same bf16 model through torch ops (ref backend)."""
+    model = HybridLM(preset("tiny")).init_weights(0)
+    randomize_(model, seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        oracle = model(ids).float()
+        m16 = model.to(torch.bfloat16)
+        fused = m16(ids).float()
+        backend("ref")
+        ops = m16(ids).float()
+    err_fused, err_ops = (fused - oracle).abs().max().item(), (ops - oracle).abs().max().item()
+    assert err_fused <= 1.25 * err_ops, (err_fused, err_ops)
+    assert rel(fused, oracle) < 0.2                     # bf16 through 8 layers: ~0.1 here
+
+
 def test_tiny_model_same_with_ref_and_auto(backend):
     """Logits and parameter gradients of the tiny preset agree between the backends, and a cached
     prefill (in two chunks) + decode with 'auto' reproduces the reference's full forward."""

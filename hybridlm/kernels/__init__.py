@@ -3,6 +3,11 @@
     operation        CPU, l > 1 (prefill, training)       l == 1 (decode), any device     other devices, l > 1
     selective_scan   C++ kernel (scan_cpu.py)              fused torch ops (scan_cpu.py)   ref.py
     causal_conv1d    C++ kernel (conv_cpu.py)              fused torch ops (conv_cpu.py)   ref.py
+    silu_mul         C++ kernel without gradients          torch ops                      torch ops
+
+Without gradients (inference) on CPU the scan and conv kernels read and write bf16 in place (no fp32
+copies), and the scan also applies delta's bias + softplus and the silu(z) gate: one pass instead of
+five over [b, l, d_in].
 
 and for decoding (a few rows of one token, no gradients, fp32/bf16, CPU: ``decode_kernels``), whole
 layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, the MoE with
@@ -22,10 +27,13 @@ import os
 import torch.nn.functional as F
 
 from . import decode_cpu
-from .conv_cpu import causal_conv1d_cpu, causal_conv1d_step
+import torch
+
+from .conv_cpu import causal_conv1d_cpu, causal_conv1d_infer, causal_conv1d_step
 from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, moe_step, rmsnorm_step
+from .elementwise_cpu import silu_mul_cpu
 from .ref import causal_conv1d_ref, selective_scan_ref
-from .scan_cpu import selective_scan_cpu, selective_scan_step
+from .scan_cpu import selective_scan_cpu, selective_scan_infer, selective_scan_step
 
 log = logging.getLogger("hybridlm")
 
@@ -67,7 +75,8 @@ def report() -> dict:
     if _backend == "ref":
         why = "forced by HYBRIDLM_SCAN=ref or set_backend('ref')"
         return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
-                "causal_conv1d": f"ref: concat + torch conv1d ({why})", "decode": f"torch ops ({why})"}
+                "causal_conv1d": f"ref: concat + torch conv1d ({why})", "silu_mul": f"torch ops ({why})",
+                "decode": f"torch ops ({why})"}
     if _cpu_kernels():
         from . import build
         took = build.info["build_seconds"]
@@ -77,22 +86,49 @@ def report() -> dict:
         cpu = "sequential reference (C++ kernels unavailable)"
         library = f"unavailable: {_cpu_error}"
     return {"backend": "auto",
-            "selective_scan": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: sequential reference",
-            "causal_conv1d": f"CPU l>1: {cpu}; l==1: fused torch ops; other devices l>1: torch conv1d reference",
+            "selective_scan": f"CPU l>1: {cpu} (without gradients: bf16 in/out, softplus and gate fused); "
+                              "l==1: fused torch ops; other devices l>1: sequential reference",
+            "causal_conv1d": f"CPU l>1: {cpu} (without gradients: bf16 in/out); l==1: fused torch ops; "
+                             "other devices l>1: torch conv1d reference",
+            "silu_mul": f"CPU without gradients: {cpu if _cpu_error is None else 'torch ops'}; otherwise torch ops",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
                       f"{'one C++ call per step through all layers when attention has no RoPE/window, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "cpu_kernels": library}
 
 
-def selective_scan(u, delta, A, B, C, D, h0=None):
-    """See kernels/ref.py for shapes. Returns (y [b, l, d_in] fp32, h_last [b, d_in, n] fp32)."""
-    if _backend == "auto":
-        if u.shape[1] == 1:
-            return selective_scan_step(u, delta, A, B, C, D, h0)
-        if u.device.type == "cpu" and _cpu_kernels():
-            return selective_scan_cpu(u, delta, A, B, C, D, h0)
-    return selective_scan_ref(u, delta, A, B, C, D, h0)
+def _fused_cpu(x, *tensors) -> bool:
+    """Whether the inference kernels take a call on x and these tensors: auto backend, CPU, no gradient."""
+    return (_backend == "auto" and x.device.type == "cpu" and _cpu_kernels()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))))
+
+
+def selective_scan(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None):
+    """See kernels/ref.py for shapes. Returns (y [b, l, d_in] fp32, h_last [b, d_in, n] fp32).
+
+    Mamba's neighbours of the scan, optional: ``delta_bias`` [d_in]: delta <- softplus(delta +
+    delta_bias) in fp32 first; ``z`` [b, l, d_in]: y <- y * silu(z), returned in z's dtype."""
+    if u.shape[1] > 1 and _fused_cpu(u, delta, A, B, C, D, h0, delta_bias, z):
+        return selective_scan_infer(u, delta, A, B, C, D, h0, delta_bias, z)
+    if delta_bias is not None:
+        delta = F.softplus(delta.float() + delta_bias.float())
+    if _backend == "auto" and u.shape[1] == 1:
+        y, h = selective_scan_step(u, delta, A, B, C, D, h0)
+    elif _backend == "auto" and u.device.type == "cpu" and _cpu_kernels():
+        y, h = selective_scan_cpu(u, delta, A, B, C, D, h0)
+    else:
+        y, h = selective_scan_ref(u, delta, A, B, C, D, h0)
+    if z is not None:
+        y = (y * F.silu(z.float())).to(z.dtype)
+    return y, h
+
+
+def silu_mul(g, u):
+    """silu(g) * u (the SwiGLU MLP's gate); without gradients on CPU, one fused pass written into g."""
+    if _fused_cpu(g, u) and g.dtype in (torch.float32, torch.bfloat16) and u.dtype == g.dtype \
+            and g.shape == u.shape and g.is_contiguous() and u.is_contiguous():
+        return silu_mul_cpu(g, u)
+    return F.silu(g) * u
 
 
 def decode_kernels(x, *weights) -> bool:
@@ -127,6 +163,8 @@ def linear(x, weight, bias=None):
 
 def causal_conv1d(x, weight, bias=None, state=None):
     """See kernels/ref.py: SiLU(depthwise causal conv) [b, l, d_in]; ``state`` is updated in place."""
+    if x.shape[1] > 1 and _fused_cpu(x, weight, bias):
+        return causal_conv1d_infer(x, weight, bias, state)
     if _backend == "auto":
         if x.shape[1] == 1:
             return causal_conv1d_step(x, weight, bias, state)

@@ -25,15 +25,16 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp")
+SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp", "elementwise.cpp")
 # -march=native: the vectors in csrc/simd.h become AVX-512 or AVX2 as the CPU allows
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # argument types of each exported function (pointers, then sizes, then threads)
-    "hybridlm_scan_fwd": [_P] * 10 + [_I64] * 5 + [_INT],
+    "hybridlm_scan_fwd": [_P] * 9 + [_I64] + [_P] * 3 + [_INT] + [_I64] * 5 + [_INT],
     "hybridlm_scan_bwd": [_P] * 16 + [_I64] * 6 + [_INT],
-    "hybridlm_conv_fwd": [_P] * 5 + [_I64] * 4 + [_INT],
+    "hybridlm_conv_fwd": [_P, _I64] + [_P] * 4 + [_INT] + [_I64] * 4 + [_INT],
+    "hybridlm_silu_mul": [_P, _P, _INT, _I64, _INT],
     "hybridlm_conv_bwd": [_P] * 8 + [_I64] * 4 + [_INT],
     "hybridlm_linear_step": [_P, _INT, _P, _INT, _P, _P] + [_I64] * 3 + [_INT],
     "hybridlm_mlp_step": [_P, _P, _INT, _P, _P, _P, _INT] + [_I64] * 3 + [_INT],

@@ -30,7 +30,7 @@ class CausalConv1dFn(torch.autograd.Function):
             prev.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # [b, k-1, d]
         out = torch.empty(b, l, d, dtype=torch.float32)
         threads = build.threads_for(b * l * d * k)
-        lib.hybridlm_conv_fwd(ptr(xf), ptr(prevf), ptr(wT), ptr(bf), ptr(out), b, l, d, k, threads)
+        lib.hybridlm_conv_fwd(ptr(xf), d, ptr(prevf), ptr(wT), ptr(bf), ptr(out), 0, b, l, d, k, threads)
         ctx.save_for_backward(xf, prevf, wT, bf)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out.to(x.dtype)
@@ -69,6 +69,26 @@ def causal_conv1d_cpu(x, weight, bias=None, state=None):
     if state is not None:
         _update_state(state, x.detach())
     return out
+
+
+def causal_conv1d_infer(x, weight, bias=None, state=None):
+    """The C++ conv's forward alone (inference: no autograd). bf16 x is read in place, any row stride
+    (e.g. a column slice of in_proj's output), and the output written in bf16: no fp32 copies."""
+    lib = build.load()
+    b, l, d = x.shape
+    k = weight.shape[1]
+    bf16 = x.dtype == torch.bfloat16
+    xk = x.detach() if bf16 else f32(x)
+    if xk.stride(2) != 1 or xk.stride(0) != l * xk.stride(1):
+        xk = xk.contiguous()
+    wT, bf = f32(weight.t()), None if bias is None else f32(bias)
+    prevf = torch.zeros(b, k - 1, d, dtype=torch.float32) if state is None else f32(state.transpose(1, 2))
+    out = torch.empty(b, l, d, dtype=xk.dtype)
+    lib.hybridlm_conv_fwd(ptr(xk), xk.stride(1), ptr(prevf), ptr(wT), ptr(bf), ptr(out), int(bf16), b, l, d, k,
+                          build.threads_for(b * l * d * k))
+    if state is not None:
+        _update_state(state, x.detach())
+    return out.to(x.dtype)
 
 
 def causal_conv1d_step(x, weight, bias=None, state=None):

@@ -30,8 +30,8 @@ class SelectiveScanFn(torch.autograd.Function):
         h_last = torch.empty(b, d_in, n, dtype=torch.float32)
         K = CHECKPOINT_EVERY
         ckpt = torch.empty(b, -(-l // K), d_in, n, dtype=torch.float32) if any(ctx.needs_input_grad) else None
-        lib.hybridlm_scan_fwd(ptr(uf), ptr(df), ptr(Af), ptr(Bf), ptr(Cf), ptr(Df), ptr(h0f), ptr(y),
-                              ptr(h_last), ptr(ckpt), b, l, d_in, n, K, build.threads_for(b * l * d_in * n))
+        lib.hybridlm_scan_fwd(ptr(uf), ptr(df), ptr(Af), ptr(Bf), ptr(Cf), ptr(Df), ptr(h0f), None, None, 0,
+                              ptr(y), ptr(h_last), ptr(ckpt), 0, b, l, d_in, n, K, build.threads_for(b * l * d_in * n))
         if ckpt is not None:
             ctx.save_for_backward(uf, df, Af, Bf, Cf, Df, ckpt)
             ctx.dtypes = tuple(None if t is None else t.dtype for t in (u, delta, A, B, C, D, h0))
@@ -64,6 +64,36 @@ class SelectiveScanFn(torch.autograd.Function):
 def selective_scan_cpu(u, delta, A, B, C, D, h0=None):
     """The C++ scan for CPU tensors. Returns (y [b, l, d_in] fp32, h_last [b, d_in, n] fp32)."""
     return SelectiveScanFn.apply(u, delta, A, B, C, D, h0)
+
+
+def selective_scan_infer(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None):
+    """The C++ scan's forward alone (inference: no autograd), with Mamba's two neighbours fused in:
+    ``delta_bias`` [d_in]: delta <- softplus(delta + delta_bias) first; ``z`` [b, l, d_in] (any row
+    stride): y <- y * silu(z), returned in z's dtype. When u, delta, B, C and z are all bf16 the kernel
+    reads and writes bf16 (fp32 arithmetic), so no fp32 copies are made. Returns (y, h_last fp32)."""
+    lib = build.load()
+    b, l, d_in = u.shape
+    n = A.shape[1]
+    io = (u, delta, B, C) + ((z,) if z is not None else ())
+    bf16 = z is not None and all(t.dtype == torch.bfloat16 for t in io)
+    if bf16:
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+    else:
+        u, delta, B, C = (f32(t) for t in (u, delta, B, C))
+    zk = None
+    if z is not None:
+        zk = z if bf16 else f32(z)
+        if zk.stride(2) != 1 or zk.stride(0) != l * zk.stride(1):
+            zk = zk.contiguous()
+    Af, Df = f32(A), f32(D)
+    bias = None if delta_bias is None else f32(delta_bias)
+    h0f = None if h0 is None else f32(h0)
+    y = torch.empty(b, l, d_in, dtype=u.dtype)
+    h_last = torch.empty(b, d_in, n, dtype=torch.float32)
+    lib.hybridlm_scan_fwd(ptr(u), ptr(delta), ptr(Af), ptr(B), ptr(C), ptr(Df), ptr(h0f), ptr(bias), ptr(zk),
+                          0 if zk is None else zk.stride(1), ptr(y), ptr(h_last), None, int(bf16), b, l, d_in, n,
+                          CHECKPOINT_EVERY, build.threads_for(b * l * d_in * n))
+    return (y if z is None else y.to(z.dtype)), h_last
 
 
 def selective_scan_step(u, delta, A, B, C, D, h0=None):

@@ -30,23 +30,6 @@
 namespace {
 
 using namespace hybridlm;
-typedef uint16_t bf16;
-typedef uint16_t vh __attribute__((vector_size(2 * W)));
-
-inline float bf2f(bf16 h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline bf16 f2bf(float f) {   // round to nearest even, as torch does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;   // NaN
-    u += 0x7fff + ((u >> 16) & 1);
-    return static_cast<bf16>(u >> 16);
-}
 
 inline float get(const void* p, int64_t i, bool is_bf16) {
     return is_bf16 ? bf2f(static_cast<const bf16*>(p)[i]) : static_cast<const float*>(p)[i];
@@ -70,25 +53,13 @@ inline void store_cols(void* out, const float* src, int64_t b, int64_t ld, int64
         for (int64_t c = c0; c < c1; ++c) put(out, bi * ld + c, src[bi * ld + c], is_bf16);
 }
 
-// W consecutive weights as fp32 (bf16 is the top half of an fp32)
-inline vf loadw(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-inline vf loadw(const bf16* p) {
-    vh h;
-    std::memcpy(&h, p, sizeof(h));
-    vi i = __builtin_convertvector(h, vi) << 16;
-    return reinterpret_cast<vf&>(i);
-}
+// W consecutive weights as fp32
+template <typename T>
+inline vf loadw(const T* p) { return load(p, W); }
 
 // w (<= W) consecutive values at p[i..] of an fp32 or bf16 array, as fp32 lanes (missing lanes 0)
 inline vf loadv(const void* p, int64_t i, bool is_bf16, int w) {
-    if (w == W) return is_bf16 ? loadw(static_cast<const bf16*>(p) + i) : loadw(static_cast<const float*>(p) + i);
-    vf v = splat(0.0f);
-    for (int j = 0; j < w; ++j) v[j] = get(p, i + j, is_bf16);
-    return v;
+    return is_bf16 ? load(static_cast<const bf16*>(p) + i, w) : load(static_cast<const float*>(p) + i, w);
 }
 
 // r[t] = the sum of the lanes of v[t], for W vectors: halving by shuffles across pairs of vectors
@@ -325,7 +296,7 @@ void hybridlm_moe_step(const void* x, void* out, int act_bf16, const void* route
     }
 #pragma omp parallel num_threads(threads)
     {
-        int64_t r0, r1;
+        int64_t r0 = 0, r1 = 0;   // set by mlp_share (b * topk >= 1)
         for (int64_t bi = 0; bi < b; ++bi)
             for (int64_t q = 0; q < topk; ++q) {
                 const int64_t ex = chosen[bi * topk + q];

@@ -4,7 +4,7 @@
 // Plain C++ behind an extern "C" interface, loaded with ctypes by kernels/scan_cpu.py: no torch
 // headers, so it builds in a few seconds, where the same loops as an ATen extension took 80 s.
 //
-// Shapes (all fp32, contiguous; see kernels/ref.py):
+// Shapes (fp32 and contiguous, except where the forward says; see kernels/ref.py):
 //     u, delta, y, gu, gdelta, gy   [b, l, d_in]
 //     A, gA                         [d_in, n]
 //     B, C                          [b, l, n]
@@ -24,6 +24,7 @@
 // per block) and walks it in reverse, so memory is O(l/K) states rather than O(l).
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -47,17 +48,19 @@ inline void scatter_state(float* dst, const vf* src, int w, int64_t n) {
         for (int64_t i = 0; i < n; ++i) dst[j * n + i] = src[i][j];
 }
 
-}  // namespace
-
-extern "C" {
-
-void hybridlm_scan_fwd(const float* u, const float* delta, const float* A, const float* B, const float* C,
-                       const float* D, const float* h0, float* y, float* h_last, float* ckpt,
-                       int64_t b, int64_t l, int64_t d_in, int64_t n, int64_t K, int threads) {
+// The forward for u, delta, B, C, z and y of element type T (fp32 or bf16; the arithmetic is fp32).
+// delta_bias (optional): delta <- softplus(delta + delta_bias) first, as Mamba's delta_softplus. z
+// (optional, row stride ldz): y <- y * silu(z), Mamba's output gate. Both fuse what inference would
+// otherwise do in separate passes over [b, l, d_in]; the training path (scan_cpu.py) passes neither.
+template <typename T>
+void scan_fwd(const T* u, const T* delta, const float* A, const T* B, const T* C, const float* D, const float* h0,
+              const float* delta_bias, const T* z, int64_t ldz, T* y, float* h_last, float* ckpt, int64_t b,
+              int64_t l, int64_t d_in, int64_t n, int64_t K, int threads) {
     const int64_t n_ck = (l + K - 1) / K, n_blocks = (d_in + W - 1) / W;
 #pragma omp parallel num_threads(threads)
     {
         std::vector<vf> At(n), h(n);
+        std::vector<float> bc(2 * n);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < b * n_blocks; ++item) {
             const int64_t bi = item / n_blocks, d0 = (item % n_blocks) * W;
@@ -66,6 +69,7 @@ void hybridlm_scan_fwd(const float* u, const float* delta, const float* A, const
             if (h0) gather_state(h.data(), h0 + (bi * d_in + d0) * n, w, n);
             else std::fill(h.begin(), h.end(), splat(0.0f));
             const vf Dv = load(D + d0, w);
+            const vf bias = delta_bias ? load(delta_bias + d0, w) : splat(0.0f);
             for (int64_t t = 0; t < l; ++t) {
                 const int64_t row = (bi * l + t) * d_in + d0;
                 if (ckpt && t % K == 0) scatter_state(ckpt + ((bi * n_ck + t / K) * d_in + d0) * n, h.data(), w, n);
@@ -74,20 +78,55 @@ void hybridlm_scan_fwd(const float* u, const float* delta, const float* A, const
                     prefetch(u + row + PF * d_in);
                     prefetch(y + row + PF * d_in, true);
                 }
-                const vf dl = load(delta + row, w), ul = load(u + row, w), du = dl * ul;
-                const float* Bt = B + (bi * l + t) * n;
-                const float* Ct = C + (bi * l + t) * n;
+                vf dl = load(delta + row, w);
+                if (delta_bias) dl = softplus(dl + bias);
+                const vf ul = load(u + row, w), du = dl * ul;
+                const float *Bt, *Ct;
+                if constexpr (std::is_same_v<T, float>) {
+                    Bt = B + (bi * l + t) * n;
+                    Ct = C + (bi * l + t) * n;
+                } else {                                       // this step's B and C rows as fp32
+                    for (int64_t i = 0; i < n; ++i) {
+                        bc[i] = bf2f(B[(bi * l + t) * n + i]);
+                        bc[n + i] = bf2f(C[(bi * l + t) * n + i]);
+                    }
+                    Bt = bc.data();
+                    Ct = bc.data() + n;
+                }
                 vf yacc = Dv * ul;
                 for (int64_t i = 0; i < n; ++i) {
                     const vf hv = vexp(dl * At[i]) * h[i] + du * Bt[i];
                     h[i] = hv;
                     yacc += hv * Ct[i];
                 }
+                if (z) {
+                    const vf zv = load(z + (bi * l + t) * ldz + d0, w);
+                    yacc *= zv * sigmoid(zv);
+                }
                 store(y + row, yacc, w);
             }
             scatter_state(h_last + (bi * d_in + d0) * n, h.data(), w, n);
         }
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// u, delta, B, C, z, y: bf16 when `bf16` is set, else fp32; delta_bias and z may be null (see scan_fwd)
+void hybridlm_scan_fwd(const void* u, const void* delta, const float* A, const void* B, const void* C,
+                       const float* D, const float* h0, const float* delta_bias, const void* z, int64_t ldz, void* y,
+                       float* h_last, float* ckpt, int bf16_io, int64_t b, int64_t l, int64_t d_in, int64_t n,
+                       int64_t K, int threads) {
+    if (bf16_io)
+        scan_fwd(static_cast<const bf16*>(u), static_cast<const bf16*>(delta), A, static_cast<const bf16*>(B),
+                 static_cast<const bf16*>(C), D, h0, delta_bias, static_cast<const bf16*>(z), ldz,
+                 static_cast<bf16*>(y), h_last, ckpt, b, l, d_in, n, K, threads);
+    else
+        scan_fwd(static_cast<const float*>(u), static_cast<const float*>(delta), A, static_cast<const float*>(B),
+                 static_cast<const float*>(C), D, h0, delta_bias, static_cast<const float*>(z), ldz,
+                 static_cast<float*>(y), h_last, ckpt, b, l, d_in, n, K, threads);
 }
 
 // The backward's work item is a group of G consecutive blocks, all batch rows: gA and gD of a

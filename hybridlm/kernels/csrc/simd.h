@@ -1,4 +1,4 @@
-// Vector helpers shared by the CPU kernels (selective_scan.cpp, causal_conv1d.cpp).
+// Vector helpers shared by the CPU kernels (selective_scan.cpp, causal_conv1d.cpp, decode.cpp).
 //
 // GCC's vector extensions make the vectorisation explicit instead of hoping the auto-vectoriser
 // takes every loop; with -march=native a vf is one AVX-512 register (two AVX2 registers).
@@ -14,6 +14,11 @@ constexpr int W = 16;
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 typedef float v4 __attribute__((vector_size(16)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+
+// bfloat16 as its bits: the top half of an fp32
+typedef uint16_t bf16;
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
 
 inline vf splat(float x) { return vf{} + x; }
 
@@ -36,12 +41,28 @@ inline vf vexp(vf x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-    return x < lo ? splat(0.0f) : p * reinterpret_cast<vf&>(bits);
+    return x < lo ? splat(0.0f) : p * __builtin_bit_cast(vf, bits);
 }
 
 // 1 / (1 + exp(-x)); exp(-x) saturates to 0 or ~1e38 at the extremes, which gives the right
 // limits (1 and 0).
 inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+
+// log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): with e = exp(-|x|) in (0, 1], log1p(e) =
+// 2 atanh(s), s = e / (2 + e) <= 1/3, whose odd series to s^13 is within 2e-8 relative. Equal in
+// fp32 to torch's softplus (which returns x above 20, where log1p(exp(-x)) < ulp(x)).
+inline vf softplus(vf x) {
+    const vf ax = x < 0.0f ? -x : x;
+    const vf e = vexp(-ax), s = e / (2.0f + e), s2 = s * s;
+    vf p = splat(1.0f / 13);
+    p = p * s2 + 1.0f / 11;
+    p = p * s2 + 1.0f / 9;
+    p = p * s2 + 1.0f / 7;
+    p = p * s2 + 1.0f / 5;
+    p = p * s2 + 1.0f / 3;
+    p = p * s2 + 1.0f;
+    return (x < 0.0f ? splat(0.0f) : x) + 2.0f * s * p;
+}
 
 // Sum of the lanes by halving in registers: a lane-by-lane loop is a chain of W dependent scalar
 // adds through the stack, which dominated the scan's backward.
@@ -66,6 +87,45 @@ inline vf load(const float* src, int w) {
     return v;
 }
 
+inline float bf2f(bf16 h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline bf16 f2bf(float f) {   // round to nearest even, as torch does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;   // NaN
+    u += 0x7fff + ((u >> 16) & 1);
+    return static_cast<bf16>(u >> 16);
+}
+
+// W bf16 values as fp32 lanes, and back (rounded as f2bf rounds)
+inline vf widen(vh h) {
+    vu u = __builtin_convertvector(h, vu) << 16;
+    return __builtin_bit_cast(vf, u);
+}
+
+inline vh narrow(vf v) {
+    const vu u = __builtin_bit_cast(vu, v);
+    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = (u & 0x7fffffffu) > 0x7f800000u ? vu{} + 0x7fc0u : r;
+    return __builtin_convertvector(r, vh);
+}
+
+inline vf load(const bf16* src, int w) {
+    if (w == W) {
+        vh h;
+        std::memcpy(&h, src, sizeof(h));
+        return widen(h);
+    }
+    vf v = splat(0.0f);
+    for (int j = 0; j < w; ++j) v[j] = bf2f(src[j]);
+    return v;
+}
+
 // A memcpy of a runtime length would compile to `rep movs`, tens of cycles per vector.
 inline void store(float* dst, vf v, int w) {
     if (w == W) {
@@ -75,11 +135,20 @@ inline void store(float* dst, vf v, int w) {
     }
 }
 
+inline void store(bf16* dst, vf v, int w) {
+    const vh h = narrow(v);
+    if (w == W) {
+        std::memcpy(dst, &h, sizeof(h));
+    } else {
+        for (int j = 0; j < w; ++j) dst[j] = h[j];
+    }
+}
+
 // Consecutive timesteps of a block are d_in floats apart, usually a new 4 KiB page, where the
 // hardware prefetchers stop; fetch the row PF steps ahead by hand (measured 15-30% faster at
 // l = 8192, d_in = 1024, where the tensors no longer fit in the L3 cache).
 constexpr int64_t PF = 16;
-inline void prefetch(const float* p, bool write = false) {
+inline void prefetch(const void* p, bool write = false) {
     if (write) __builtin_prefetch(p, 1);
     else __builtin_prefetch(p, 0);
 }
