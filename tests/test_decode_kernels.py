@@ -79,20 +79,6 @@ def test_mixed_weight_dtypes_refused():
     assert not decode_cpu.applies(x, torch.randn(8, 16), torch.randn(8, 16).bfloat16())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_step(dtype):
-    norm = RMSNorm(100)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(100, generator=gen()))
-    norm = norm.to(dtype)
-    x = (torch.randn(3, 1, 100, generator=gen(1)) * 5).to(dtype)
-    xf = x.float()
-    exact = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
-    out = decode_cpu.rmsnorm_step(norm, x)
-    assert out.dtype == dtype
-    assert err(out, exact) <= (1e-5 if dtype == torch.float32 else exact.abs().max().item() * 2 ** -8)
-
-
 def test_grad_enabled_parameters_take_the_autograd_path():
     """A training forward of a few rows must not enter the kernels (they have no backward)."""
     model = HybridLM(preset("tiny")).init_weights(0)

@@ -255,6 +255,32 @@ def test_silu_mul_fused_without_grad(threads, dtype):
     assert out.grad_fn is not None and torch.equal(out, F.silu(g0) * u)
 
 
+@pytest.mark.parametrize("rows", [3, 300])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.bfloat16)])
+def test_rmsnorm_kernel_rounds_as_the_torch_ops(threads, rows, x_dtype, w_dtype, backend):
+    """RMSNorm without gradients (one C++ pass) against its own torch ops: fp32 to rounding-order
+    differences; bf16 where both round the normalised row and the product, so at most one bf16 ulp
+    apart (where the fp32 sums fall either side of a rounding boundary)."""
+    from hybridlm.norm import RMSNorm
+    norm = RMSNorm(100)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(100, generator=torch.Generator().manual_seed(0)))
+    norm = norm.to(w_dtype)
+    x = (torch.randn(rows, 100, generator=torch.Generator().manual_seed(1)) * 5).to(x_dtype)
+    with torch.no_grad():
+        assert kernels.fused_rmsnorm(x, norm.weight)
+        out = norm(x)
+        backend("ref")
+        ref = norm(x)
+    assert out.dtype == ref.dtype == x_dtype
+    ulp = 2.0 ** -7 if x_dtype == torch.bfloat16 else 1e-6
+    assert bool(((out.float() - ref.float()).abs() <= ref.float().abs() * ulp + 1e-6).all())
+    if x_dtype == torch.bfloat16:
+        assert (out != ref).float().mean() < 0.02                         # and almost always equal
+    assert not kernels.fused_rmsnorm(x.requires_grad_(), norm.weight)      # training: the torch ops
+
+
 def test_conv_decode_steps_continue_prefill():
     """Prefill 5 tokens, then decode one at a time: equals the reference over all tokens, and the
     state is rolled in place (same tensor, same values as the reference's)."""

@@ -4,6 +4,7 @@
     selective_scan   C++ kernel (scan_cpu.py)              fused torch ops (scan_cpu.py)   ref.py
     causal_conv1d    C++ kernel (conv_cpu.py)              fused torch ops (conv_cpu.py)   ref.py
     silu_mul         C++ kernel without gradients          torch ops                      torch ops
+    RMSNorm          C++ kernel without gradients          C++ kernel without gradients   torch ops
 
 Without gradients (inference) on CPU the scan and conv kernels read and write bf16 in place (no fp32
 copies), and the scan also applies delta's bias + softplus and the silu(z) gate: one pass instead of
@@ -11,7 +12,7 @@ five over [b, l, d_in].
 
 and for decoding (a few rows of one token, no gradients, fp32/bf16, CPU: ``decode_kernels``), whole
 layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, the MoE with
-its router, attention of one query over the cache, RMSNorm, and matrix-vector products (``linear``);
+its router, attention of one query over the cache, and matrix-vector products (``linear``);
 elsewhere the modules' own torch ops, which are their reference.
 
 The backend is 'auto' (the table) or 'ref' (ref.py everywhere), from ``HYBRIDLM_SCAN=ref|auto`` at
@@ -30,8 +31,8 @@ from . import decode_cpu
 import torch
 
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_infer, causal_conv1d_step
-from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, moe_step, rmsnorm_step
-from .elementwise_cpu import silu_mul_cpu
+from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, moe_step
+from .elementwise_cpu import rmsnorm_cpu, silu_mul_cpu
 from .ref import causal_conv1d_ref, selective_scan_ref
 from .scan_cpu import selective_scan_cpu, selective_scan_infer, selective_scan_step
 
@@ -75,7 +76,7 @@ def report() -> dict:
     if _backend == "ref":
         why = "forced by HYBRIDLM_SCAN=ref or set_backend('ref')"
         return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
-                "causal_conv1d": f"ref: concat + torch conv1d ({why})", "silu_mul": f"torch ops ({why})",
+                "causal_conv1d": f"ref: concat + torch conv1d ({why})", "silu_mul, rmsnorm": f"torch ops ({why})",
                 "decode": f"torch ops ({why})"}
     if _cpu_kernels():
         from . import build
@@ -90,11 +91,15 @@ def report() -> dict:
                               "l==1: fused torch ops; other devices l>1: sequential reference",
             "causal_conv1d": f"CPU l>1: {cpu} (without gradients: bf16 in/out); l==1: fused torch ops; "
                              "other devices l>1: torch conv1d reference",
-            "silu_mul": f"CPU without gradients: {cpu if _cpu_error is None else 'torch ops'}; otherwise torch ops",
+            "silu_mul, rmsnorm": f"CPU without gradients: {cpu if _cpu_error is None else 'torch ops'}; "
+                                 "otherwise torch ops",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
                       f"{'one C++ call per step through all layers when attention has no RoPE/window, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "cpu_kernels": library}
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _fused_cpu(x, *tensors) -> bool:
@@ -123,9 +128,16 @@ def selective_scan(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None):
     return y, h
 
 
+def fused_rmsnorm(x, weight) -> bool:
+    """Whether RMSNorm's forward runs as one C++ pass (elementwise_cpu.rmsnorm_cpu): CPU, no gradient,
+    fp32/bf16 with a weight of x's dtype (or an fp32 x), any number of rows."""
+    return (x.dtype in _FUSED_DTYPES and weight.dtype in _FUSED_DTYPES
+            and (weight.dtype == x.dtype or x.dtype == torch.float32) and _fused_cpu(x, weight))
+
+
 def silu_mul(g, u):
     """silu(g) * u (the SwiGLU MLP's gate); without gradients on CPU, one fused pass written into g."""
-    if _fused_cpu(g, u) and g.dtype in (torch.float32, torch.bfloat16) and u.dtype == g.dtype \
+    if _fused_cpu(g, u) and g.dtype in _FUSED_DTYPES and u.dtype == g.dtype \
             and g.shape == u.shape and g.is_contiguous() and u.is_contiguous():
         return silu_mul_cpu(g, u)
     return F.silu(g) * u

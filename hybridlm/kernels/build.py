@@ -41,7 +41,7 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_mamba_step": [_P, _P, _INT] + [_P] * 4 + [_INT] + [_P] * 7 + [ctypes.c_float] + [_P] * 3
                            + [_P, _INT, _P] + [_I64] * 6 + [_INT],
     "hybridlm_moe_step": [_P, _P, _INT, _P, _P, _P, _P, _INT, _P] + [_I64] * 5 + [_INT, _INT],
-    "hybridlm_rmsnorm_step": [_P, _P, _INT, _P, _INT, ctypes.c_float, _I64, _I64],
+    "hybridlm_rmsnorm": [_P, _P, _INT, _P, _INT, ctypes.c_float, _I64, _I64, _INT],
     "hybridlm_decode_rec_len": [],
     "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],

@@ -19,6 +19,7 @@ import torch
 
 from . import build
 from .build import ptr
+from .elementwise_cpu import rmsnorm_cpu
 
 MAX_ROWS = 4   # rows per call; more rows reuse each weight enough for torch's matmul to win
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -53,16 +54,6 @@ def _small_params(module: torch.nn.Module, sources: tuple, make) -> tuple:
             hit = (key, tuple(None if t is None else t.detach().float().contiguous() for t in make(*sources)))
         module.__dict__["_decode_params"] = hit
     return hit[1]
-
-
-def rmsnorm_step(norm, x: torch.Tensor) -> torch.Tensor:
-    """norm.RMSNorm's forward for a few rows, one call."""
-    x = x.contiguous()
-    w = norm.weight
-    out = torch.empty_like(x)
-    d = x.shape[-1]
-    build.load().hybridlm_rmsnorm_step(ptr(x), ptr(out), _is16(x), ptr(w), _is16(w), norm.eps, x.numel() // d, d)
-    return out
 
 
 def linear_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,5 +273,5 @@ def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
     final = model.model.final_layernorm
     build.load().hybridlm_decode_layers(ptr(plan.recs), plan.recs.shape[0], ptr(x), ptr(cache.valid),
                                         cache.valid.stride(0), start, b, d, final.eps, torch.get_num_threads())
-    h = rmsnorm_step(final, x)
+    h = rmsnorm_cpu(final, x)
     return linear_step(h, model.lm_head.weight).to(emb.weight.dtype)[:, None]

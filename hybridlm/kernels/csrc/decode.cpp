@@ -27,6 +27,9 @@
 
 #include "simd.h"
 
+extern "C" void hybridlm_rmsnorm(const void* x, void* out, int act_bf16, const void* weight, int w_bf16, float eps,
+                                 int64_t rows, int64_t d, int threads);   // elementwise.cpp
+
 namespace {
 
 using namespace hybridlm;
@@ -505,18 +508,6 @@ void hybridlm_attn_step(const void* q, void* out, int act_bf16, const void* kc, 
     }
 }
 
-// out [rows, d] = RMSNorm(x) * weight (norm.py), rows computed in fp32; x, out and weight fp32 or bf16
-void hybridlm_rmsnorm_step(const void* x, void* out, int act_bf16, const void* weight, int w_bf16, float eps,
-                           int64_t rows, int64_t d) {
-    std::vector<float> row(d), wf(d);
-    for (int64_t c = 0; c < d; ++c) wf[c] = get(weight, c, w_bf16);
-    for (int64_t i = 0; i < rows; ++i) {
-        for (int64_t c = 0; c < d; ++c) row[c] = get(x, i * d + c, act_bf16);
-        rmsnorm(row.data(), wf.data(), d, eps);
-        for (int64_t c = 0; c < d; ++c) put(out, i * d + c, row[c], act_bf16);
-    }
-}
-
 // A whole decode step through every layer, for models whose attention layers are full attention
 // without positional encoding (Jamba's layout): the per-layer calls above, chained here so Python
 // dispatches once per step instead of ~40 times. x [b, d] fp32: the embedded tokens in, the last
@@ -544,7 +535,7 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
     for (int64_t li = 0; li < layers; ++li) {
         const int64_t* r = recs + li * REC;
         const int nb = static_cast<int>(r[R_NORM_BF16]), wb = static_cast<int>(r[R_W_BF16]);
-        hybridlm_rmsnorm_step(x, h.data(), 0, P(r[R_NORM1]), nb, eps, b, d);
+        hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM1]), nb, eps, b, d, 1);
         if (r[R_MIXER] == 0) {
             hybridlm_mamba_step(h.data(), o.data(), 0, P(r[R_W_IN]), P(r[R_W_X]), P(r[R_W_DT]), P(r[R_W_OUT]), wb,
                                 (const float*)P(r[R_IN_B]), (const float*)P(r[R_OUT_B]), (const float*)P(r[R_CONV_W]),
@@ -573,7 +564,7 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
             hybridlm_linear_step(att.data(), 0, P(r[R_WO]), wb, nullptr, o.data(), b, nh * dh, d, threads);
         }
         for (int64_t i = 0; i < b * d; ++i) x[i] += o[i];
-        hybridlm_rmsnorm_step(x, h.data(), 0, P(r[R_NORM2]), nb, eps, b, d);
+        hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM2]), nb, eps, b, d, 1);
         if (r[R_FFN] == 0) {
             hybridlm_mlp_step(h.data(), o.data(), 0, P(r[R_F_A]), P(r[R_F_B]), P(r[R_F_C]), wb, b, d, r[R_FF], threads);
         } else {
