@@ -159,7 +159,7 @@ def child_transformers(spec: dict) -> dict:
 
     def decode(logits, cache, steps):
         for _ in range(steps):
-            out = model(logits.argmax(-1)[:, None], past_key_values=cache, use_cache=True)
+            out = model(B.greedy(logits)[:, None], past_key_values=cache, use_cache=True)
             logits, cache = out.logits[:, -1], out.past_key_values
         return logits, cache
 

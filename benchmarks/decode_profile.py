@@ -36,6 +36,7 @@ def per_call_ms(fn, n: int, rounds: int = 5) -> float:
 
 def stepper(cfg, dtype, context: int):
     """A decode-step closure on a fresh model of ``cfg`` whose cache already holds ``context`` tokens."""
+    from hybridlm.bench import greedy
     from hybridlm.generate import decode_step, prefill
     from hybridlm.model import HybridLM
     model = HybridLM(cfg).init_weights(0).to(dtype).eval()
@@ -43,7 +44,7 @@ def stepper(cfg, dtype, context: int):
     state = {"logits": prefill(model, cache, torch.randint(0, cfg.vocab_size, (1, context)))}
 
     def step():
-        state["logits"] = decode_step(model, cache, state["logits"].argmax(-1))
+        state["logits"] = decode_step(model, cache, greedy(state["logits"]))
     return model, cache, step
 
 

@@ -18,6 +18,7 @@ import ctypes
 import torch
 
 from . import build
+from ..config import MIXER_SYMBOL
 from .build import ptr
 from .elementwise_cpu import rmsnorm_cpu
 
@@ -169,7 +170,7 @@ def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
     w = model.lm_head.weight
     return (mask is None and input_ids.shape[1] == 1 and input_ids.shape[0] <= MAX_ROWS
             and input_ids.device.type == "cpu" and w.dtype in _DTYPES and cfg.rope_theta is None
-            and "local" not in (cfg.mixer(i) for i in range(cfg.num_hidden_layers))
+            and MIXER_SYMBOL["local"] not in cfg.pattern.lower()
             and not (torch.is_grad_enabled() and w.requires_grad))
 
 

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -122,10 +123,12 @@ inline void row_dot(const T* wr, const float* x, int64_t k, float* s) {
 }
 
 #ifdef __AVX512BF16__
-// bf16 weights on a CPU with AVX512-BF16: x is rounded to bf16 on the fly (as a bf16 matmul rounds its
-// input) and vdpbf16ps multiplies 32 pairs into fp32 sums, with no widening of the weights.
+// bf16 weights on a CPU with AVX512-BF16: x rounded to bf16 (as a bf16 matmul rounds its input) once per
+// product, by bf16_rows, and vdpbf16ps multiplies 32 pairs into fp32 sums, with no widening of the
+// weights (rounding x once instead of once per weight row measured 5-10% faster from memory, 2x from
+// cache). xh: x rounded, [NB, k]; x: the fp32 values, for the last k % 32 columns.
 template <int NB>
-inline void row_dot_bf16(const bf16* wr, const float* x, int64_t k, float* s) {
+inline void row_dot_bf16(const bf16* wr, const bf16* xh, const float* x, int64_t k, float* s) {
     constexpr int CH = NB >= 4 ? 1 : 4 / NB;
     constexpr int V = 32;
     __m512 acc[NB][CH];
@@ -134,11 +137,8 @@ inline void row_dot_bf16(const bf16* wr, const float* x, int64_t k, float* s) {
     const int64_t kc = k / (CH * V) * (CH * V), kv = k / V * V;
     auto step = [&](int64_t c, int q) {
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + c);
-        for (int j = 0; j < NB; ++j) {
-            const float* xj = x + j * k + c;
-            acc[j][q] = _mm512_dpbf16_ps(acc[j][q], wv, _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xj + 16),
-                                                                             _mm512_loadu_ps(xj)));
-        }
+        for (int j = 0; j < NB; ++j)
+            acc[j][q] = _mm512_dpbf16_ps(acc[j][q], wv, (__m512bh)_mm512_loadu_si512(xh + j * k + c));
     };
     int64_t c = 0;
     for (; c < kc; c += CH * V)
@@ -153,13 +153,32 @@ inline void row_dot_bf16(const bf16* wr, const float* x, int64_t k, float* s) {
 }
 
 template <int NB>
-inline void row_dot_any(const bf16* wr, const float* x, int64_t k, float* s) { row_dot_bf16<NB>(wr, x, k, s); }
+inline void row_dot_any(const bf16* wr, const bf16* xh, const float* x, int64_t k, float* s) {
+    row_dot_bf16<NB>(wr, xh, x, k, s);
+}
+
+// x [nb, k] as row_dot_bf16 reads it: each row's full 32-value blocks rounded as vcvtne2ps2bf16 rounds
+inline const bf16* bf16_rows(const float* x, int64_t nb, int64_t k, std::vector<bf16>& buf) {
+    buf.resize(nb * k);
+    for (int64_t j = 0; j < nb; ++j)
+        for (int64_t c = 0; c + 32 <= k; c += 32)
+            _mm512_storeu_si512(buf.data() + j * k + c,
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j * k + c + 16), _mm512_loadu_ps(x + j * k + c)));
+    return buf.data();
+}
 #else
 template <int NB>
-inline void row_dot_any(const bf16* wr, const float* x, int64_t k, float* s) { row_dot<bf16, NB>(wr, x, k, s); }
+inline void row_dot_any(const bf16* wr, const bf16*, const float* x, int64_t k, float* s) {
+    row_dot<bf16, NB>(wr, x, k, s);
+}
+
+// without AVX512-BF16 the dots widen the weights and read x in fp32: nothing to prepare
+inline const bf16* bf16_rows(const float*, int64_t, int64_t, std::vector<bf16>&) { return nullptr; }
 #endif
 template <int NB>
-inline void row_dot_any(const float* wr, const float* x, int64_t k, float* s) { row_dot<float, NB>(wr, x, k, s); }
+inline void row_dot_any(const float* wr, const bf16*, const float* x, int64_t k, float* s) {
+    row_dot<float, NB>(wr, x, k, s);
+}
 
 // out[bi, r] = dot(w[r, :k], x[bi, :k]) (+ bias[r]) for rows r in [r0, r1); x fp32 [b, k]; out fp32 with
 // row stride ldo. The weights are read once, in memory order (measured 1.5x faster than interleaving
@@ -168,16 +187,19 @@ template <typename T>
 void gemv_rows(const T* w, const float* bias, const float* x, float* out, int64_t ldo, int64_t b, int64_t k,
                int64_t r0, int64_t r1) {
     float s[BB];
+    thread_local std::vector<bf16> buf;
+    const bf16* xh = std::is_same_v<T, bf16> ? bf16_rows(x, b, k, buf) : nullptr;
     for (int64_t r = r0; r < r1; ++r) {
         const T* wr = w + r * k;
         for (int64_t b0 = 0; b0 < b; b0 += BB) {
             const int64_t nb = std::min<int64_t>(BB, b - b0);
             const float* xb = x + b0 * k;
+            const bf16* xhb = xh ? xh + b0 * k : nullptr;
             switch (nb) {
-                case 1: row_dot_any<1>(wr, xb, k, s); break;
-                case 2: row_dot_any<2>(wr, xb, k, s); break;
-                case 3: row_dot_any<3>(wr, xb, k, s); break;
-                default: row_dot_any<4>(wr, xb, k, s); break;
+                case 1: row_dot_any<1>(wr, xhb, xb, k, s); break;
+                case 2: row_dot_any<2>(wr, xhb, xb, k, s); break;
+                case 3: row_dot_any<3>(wr, xhb, xb, k, s); break;
+                default: row_dot_any<4>(wr, xhb, xb, k, s); break;
             }
             for (int64_t j = 0; j < nb; ++j) out[(b0 + j) * ldo + r] = s[j] + (bias ? bias[r] : 0.0f);
         }
@@ -357,14 +379,16 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
             rmsnorm(dbc.data() + bi * nx + r + n, c_ln, n, eps);
         }
         // (implicit barrier) per channel: delta = softplus(dt_proj(dt) + bias), the scan step, D skip, gate
+        std::vector<bf16> dt_buf;
         for (int64_t bi = 0; bi < b; ++bi) {
             const float* dt = dbc.data() + bi * nx;
             const float* Bv = dt + r;
             const float* Cv = dt + r + n;
+            const bf16* dth = w16 ? bf16_rows(dt, 1, r, dt_buf) : nullptr;
             for (int64_t c = c0; c < c1; ++c) {
                 float s;
-                if (w16) row_dot_any<1>(static_cast<const bf16*>(w_dt) + c * r, dt, r, &s);
-                else row_dot_any<1>(static_cast<const float*>(w_dt) + c * r, dt, r, &s);
+                if (w16) row_dot_any<1>(static_cast<const bf16*>(w_dt) + c * r, dth, dt, r, &s);
+                else row_dot_any<1>(static_cast<const float*>(w_dt) + c * r, nullptr, dt, r, &s);
                 s += dt_bias[c];
                 const float delta = s > 20.0f ? s : std::log1p(std::exp(s));   // softplus, threshold 20
                 const float uc = u[bi * d_in + c];
