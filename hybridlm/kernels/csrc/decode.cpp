@@ -413,6 +413,53 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
     }
 }
 
+}  // extern "C"
+
+namespace {
+
+// acc[j, :] += sum_t p[j * ps + t] * V[t, :] for GB query heads j and nb slots t of V [nb, NV * W], with
+// the GB x NV accumulator vectors held in registers (kept in memory, each multiply-add also costs a
+// load and a store, and the next slot waits on the store)
+template <int GB, int NV, typename T>
+inline void weighted_v(const T* V, const float* p, int64_t ps, int64_t nb, float* acc) {
+    constexpr int64_t dh = NV * W;
+    vf a[GB][NV];
+    for (int j = 0; j < GB; ++j)
+        for (int v = 0; v < NV; ++v) a[j][v] = load(acc + j * dh + v * W, W);
+    for (int64_t t = 0; t < nb; ++t)
+        for (int v = 0; v < NV; ++v) {
+            const vf vv = load(V + t * dh + v * W, W);
+            for (int j = 0; j < GB; ++j) a[j][v] += p[j * ps + t] * vv;
+        }
+    for (int j = 0; j < GB; ++j)
+        for (int v = 0; v < NV; ++v) store(acc + j * dh + v * W, a[j][v], W);
+}
+
+// weighted_v over all g query heads of a kv head, up to 16 accumulator vectors at a time
+template <int NV, typename T>
+inline void weighted_v_heads(const T* V, const float* p, int64_t ps, int64_t nb, float* acc, int64_t g) {
+    constexpr int GB = NV >= 8 ? 2 : 4;
+    int64_t j = 0;
+    for (; j + GB <= g; j += GB) weighted_v<GB, NV>(V, p + j * ps, ps, nb, acc + j * NV * W);
+    for (; j < g; ++j) weighted_v<1, NV>(V, p + j * ps, ps, nb, acc + j * NV * W);
+}
+
+// the register-blocked weighted sum for head widths of 1, 2, 4 or 8 vectors; false for other widths
+template <typename T>
+inline bool weighted_v_any(const T* V, int64_t nv, const float* p, int64_t ps, int64_t nb, float* acc, int64_t g) {
+    switch (nv) {
+        case 1: weighted_v_heads<1>(V, p, ps, nb, acc, g); return true;
+        case 2: weighted_v_heads<2>(V, p, ps, nb, acc, g); return true;
+        case 4: weighted_v_heads<4>(V, p, ps, nb, acc, g); return true;
+        case 8: weighted_v_heads<8>(V, p, ps, nb, acc, g); return true;
+        default: return false;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
 // One query token per row against the K/V cache (flash-decoding): for each query head
 //     out[bi, hi] = softmax(scale * q[bi, hi] . K[bi, g(hi), :s] masked by valid[bi, :s]) @ V[bi, g(hi), :s]
 // q, out [b, h, dh] (act dtype); kc, vc [b, h_kv, S, dh] (kv dtype), slots [0, s) read; valid: row bi at
@@ -500,7 +547,12 @@ void hybridlm_attn_step(const void* q, void* out, int act_bf16, const void* kc, 
                     }
                     l[j] += hsum(lsum);
                 }
-                for (int64_t t = 0; t < nb; ++t) {            // weighted sum of V
+                // weighted sum of V: register-blocked when dh is 16, 32, 64 or 128, else the generic loop
+                const int64_t v0 = (base + tb) * dh;
+                if (dh % W == 0 && (k16 ? weighted_v_any(static_cast<const bf16*>(vc) + v0, nv, sc.data(), BS, nb, acc, g)
+                                        : weighted_v_any(static_cast<const float*>(vc) + v0, nv, sc.data(), BS, nb, acc, g)))
+                    continue;
+                for (int64_t t = 0; t < nb; ++t) {
                     for (int64_t v = 0; v < nv; ++v) {
                         const int w = static_cast<int>(std::min<int64_t>(W, dh - v * W));
                         const vf vv = loadv(vc, (base + tb + t) * dh + v * W, k16, w);
