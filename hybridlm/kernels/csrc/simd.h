@@ -7,6 +7,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace hybridlm {
 
 // Channels per vector; 32 and 64 (two and four registers) measured slower in the scan.
@@ -24,12 +28,20 @@ inline vf splat(float x) { return vf{} + x; }
 
 // exp(x) = 2^k * exp(r), k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
 // polynomial: relative error < 2e-7, a few ulp, in ~15 vector instructions (libm's expf is scalar).
+// With AVX-512, vscalefps applies 2^k, underflowing through the subnormals to 0 and overflowing to
+// inf by itself, so only the clamp that keeps r finite at +-inf remains.
 inline vf vexp(vf x) {
+#ifdef __AVX512F__
+    vf xc = x < -104.0f ? splat(-104.0f) : x;     // exp(-104) = 0 in fp32
+    xc = xc > 89.0f ? splat(89.0f) : xc;           // exp(89) = inf in fp32
+    const vf k = (vf)_mm512_roundscale_ps((__m512)(xc * 1.44269504f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
     const float lo = -87.33f, hi = 88.3f;
     vf xc = x < lo ? splat(lo) : x;
     xc = xc > hi ? splat(hi) : xc;
     const float round = 12582912.0f;             // 1.5 * 2^23: adding it rounds to an integer
-    vf k = (xc * 1.44269504f + round) - round;
+    const vf k = (xc * 1.44269504f + round) - round;
+#endif
     vf r = xc - k * 0.693145752f;                 // ln 2 in two parts (Cody & Waite) keeps r exact
     r = r - k * 1.42860677e-6f;
     vf p = splat(1.98412698e-4f);
@@ -40,8 +52,12 @@ inline vf vexp(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
+#ifdef __AVX512F__
+    return (vf)_mm512_scalef_ps((__m512)p, (__m512)k);
+#else
     vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
     return x < lo ? splat(0.0f) : p * __builtin_bit_cast(vf, bits);
+#endif
 }
 
 // 1 / (1 + exp(-x)); exp(-x) saturates to 0 or ~1e38 at the extremes, which gives the right
