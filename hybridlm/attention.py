@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVState
-from .kernels import attn_step, decode_kernels, linear
+from .kernels import attn_step, decode_kernels, flash_attn_cpu, fused_attention, linear
 
 # queries per SDPA call when an explicit mask is needed: bounds the [b, 1, q, s] mask's memory
 _Q_BLOCK_ELEMS = 1 << 25
@@ -81,6 +81,8 @@ class Attention(nn.Module):
         return linear(out.transpose(1, 2).reshape(b, l, self.h * self.d_h), self.o_proj.weight)
 
     def _sdpa(self, q, k, v, q_slots, k_slots, k_valid):
+        if self.window is None and fused_attention(q, k, v):   # keys are slots 0 .. s-1 here
+            return flash_attn_cpu(q, k, v, k_valid, int(q_slots[0]))        # inference on CPU (kernels/attn_cpu.py)
         gqa = self.h != self.h_kv
         plain_causal = (k_valid is None and self.window is None and k.shape[2] == q.shape[2])
         if plain_causal:                                  # the fast fused causal kernel, no mask tensor

@@ -295,6 +295,66 @@ def test_conv_decode_steps_continue_prefill():
     assert state.data_ptr() == ptr and torch.allclose(state, ref_state)
 
 
+# ---- prefill attention -----------------------------------------------------------------------------
+def attention_oracle(q, k, v, valid, start):
+    """fp32 SDPA with the engine's mask (causal by slot, padding, a query that sees nothing sees itself)."""
+    b, h, l, dh = q.shape
+    s, g = k.shape[2], h // k.shape[1]
+    q_slots, k_slots = torch.arange(start, start + l), torch.arange(s)
+    mask = (k_slots[None, :] <= q_slots[:, None])[None, None]
+    if valid is not None:
+        mask = mask & valid[:, None, None, :]
+    none = ~mask.any(-1, keepdim=True)
+    mask = mask | (none & (k_slots[None, None, None, :] == q_slots[None, None, :, None]))
+    return F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(g, 1),
+                                          v.float().repeat_interleave(g, 1), attn_mask=mask)
+
+
+@pytest.mark.skipif(not kernels.flash_attn_available(), reason="the flash kernel needs AVX512-BF16")
+@pytest.mark.parametrize("b,h,h_kv,l,start,dh,pad", [
+    (1, 8, 2, 100, 0, 64, False),     # a plain causal prefill, GQA 4, l not a multiple of the blocks
+    (2, 4, 4, 37, 50, 32, True),      # a chunk after 50 cached slots, left padding in row 0
+    (1, 8, 2, 70, 200, 128, True),    # padding covers some queries entirely (they attend to themselves)
+    (2, 6, 2, 5, 3, 16, True),        # GQA 3, a few queries
+    (1, 3, 1, 130, 64, 64, False)])   # MQA, keys exactly two blocks before the chunk
+def test_flash_attention_matches_fp32_sdpa(threads, b, h, h_kv, l, start, dh, pad):
+    """bf16 in and out, fp32 softmax, P rounded to bf16 for P V: within 1% of the largest output of
+    fp32 SDPA on the same bf16 inputs (a causal or padding mistake is off by tens of percent). q is the
+    transposed view the projections give; k, v slices of a longer cache."""
+    g = torch.Generator().manual_seed(0)
+    s = start + l
+    q = torch.randn(b, l, h, dh, generator=g).to(torch.bfloat16).transpose(1, 2)
+    k = torch.randn(b, h_kv, s + 7, dh, generator=g).to(torch.bfloat16)[:, :, :s]
+    v = torch.randn(b, h_kv, s + 7, dh, generator=g).to(torch.bfloat16)[:, :, :s]
+    valid = None
+    if pad:
+        valid = torch.ones(b, s, dtype=torch.bool)
+        valid[0, :min(s, 60)] = False
+    out = kernels.flash_attn_cpu(q, k, v, valid, start)
+    ref = attention_oracle(q, k, v, valid, start)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.skipif(not kernels.flash_attn_available(), reason="the flash kernel needs AVX512-BF16")
+def test_attention_prefill_takes_the_flash_kernel_only_without_grad(monkeypatch):
+    from hybridlm.attention import Attention
+    attn = Attention(preset("tiny")).to(torch.bfloat16)
+    x = torch.randn(2, 9, attn.q_proj.in_features).to(torch.bfloat16)
+    from hybridlm.model import StepContext
+    ctx = StepContext(0, torch.arange(9).expand(2, 9), None, None)
+    calls = []
+    real = kernels.flash_attn_cpu
+    monkeypatch.setattr("hybridlm.attention.flash_attn_cpu", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = attn(x, None, ctx)
+    assert calls == [1]
+    torch_ops = attn(x, None, ctx)                                  # parameters require grad: SDPA
+    assert calls == [1] and torch_ops.grad_fn is not None
+    assert (fused.float() - torch_ops.float()).abs().max() <= 2e-2 * torch_ops.abs().max()
+    assert "flash" in kernels.report()["attention (prefill)"]
+
+
 # ---- dispatch --------------------------------------------------------------------------------------
 def test_dispatch_auto_uses_the_kernels_and_ref_forces_the_reference(backend):
     assert "C++ kernel" in kernels.report()["selective_scan"]

@@ -5,6 +5,8 @@
     causal_conv1d    C++ kernel (conv_cpu.py)              fused torch ops (conv_cpu.py)   ref.py
     silu_mul         C++ kernel without gradients          torch ops                      torch ops
     RMSNorm          C++ kernel without gradients          C++ kernel without gradients   torch ops
+    attention        C++ flash kernel without gradients,   decode kernels (below)         torch SDPA
+                     bf16, AVX512-BF16 (else torch SDPA)
 
 Without gradients (inference) on CPU the scan and conv kernels read and write bf16 in place (no fp32
 copies), and the scan also applies delta's bias + softplus and the silu(z) gate: one pass instead of
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from . import decode_cpu
 import torch
 
+from .attn_cpu import HEAD_SIZES, flash_attn_available, flash_attn_cpu
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_infer, causal_conv1d_step
 from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, moe_step
 from .elementwise_cpu import rmsnorm_cpu, silu_mul_cpu
@@ -77,6 +80,7 @@ def report() -> dict:
         why = "forced by HYBRIDLM_SCAN=ref or set_backend('ref')"
         return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
                 "causal_conv1d": f"ref: concat + torch conv1d ({why})", "silu_mul, rmsnorm": f"torch ops ({why})",
+                "attention (prefill)": f"torch SDPA ({why})",
                 "decode": f"torch ops ({why})"}
     if _cpu_kernels():
         from . import build
@@ -93,6 +97,10 @@ def report() -> dict:
                              "other devices l>1: torch conv1d reference",
             "silu_mul, rmsnorm": f"CPU without gradients: {cpu if _cpu_error is None else 'torch ops'}; "
                                  "otherwise torch ops",
+            "attention (prefill)": "CPU without gradients, bf16, head size 16/32/64/128, full attention: "
+                                   + ("C++ flash kernel (AVX512-BF16)" if _cpu_error is None and flash_attn_available()
+                                      else "torch SDPA (this CPU or build has no AVX512-BF16 kernel)")
+                                   + "; otherwise torch SDPA",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
                       f"{'one C++ call per step through all layers when attention has no RoPE/window, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
@@ -133,6 +141,13 @@ def fused_rmsnorm(x, weight) -> bool:
     fp32/bf16 with a weight of x's dtype (or an fp32 x), any number of rows."""
     return (x.dtype in _FUSED_DTYPES and weight.dtype in _FUSED_DTYPES
             and (weight.dtype == x.dtype or x.dtype == torch.float32) and _fused_cpu(x, weight))
+
+
+def fused_attention(q, k, v) -> bool:
+    """Whether prefill attention (full, causal, keys at slots 0 .. s-1) runs the C++ flash kernel
+    (attn_cpu.py): CPU, no gradient, bf16, head size 16/32/64/128, a CPU with AVX512-BF16."""
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] in HEAD_SIZES
+            and _fused_cpu(q, k, v) and flash_attn_available())
 
 
 def silu_mul(g, u):

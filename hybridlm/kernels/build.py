@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp", "elementwise.cpp")
+SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp", "elementwise.cpp", "flash_attn.cpp")
 # -march=native: the vectors in csrc/simd.h become AVX-512 or AVX2 as the CPU allows
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
@@ -43,6 +43,9 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_moe_step": [_P, _P, _INT, _P, _P, _P, _P, _INT, _P] + [_I64] * 5 + [_INT, _INT],
     "hybridlm_rmsnorm": [_P, _P, _INT, _P, _INT, ctypes.c_float, _I64, _I64, _INT],
     "hybridlm_decode_rec_len": [],
+    "hybridlm_has_flash_attn": [],
+    "hybridlm_flash_attn": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P] + [_I64] * 8
+                           + [ctypes.c_float, _INT],
     "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }
@@ -126,7 +129,9 @@ def load() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, (_I64 if name.endswith("_rec_len") else None)
+            fn.argtypes, fn.restype = argtypes, (_I64 if name.endswith("_rec_len") else
+                                                 _INT if name in ("hybridlm_flash_attn", "hybridlm_has_flash_attn")
+                                                 else None)
     except (OSError, AttributeError) as e:
         raise KernelUnavailable(f"loading {out} failed: {e}") from e
     flags = _cpu_id().split()
