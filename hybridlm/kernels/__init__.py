@@ -8,14 +8,14 @@
     attention        C++ flash kernel without gradients,   decode kernels (below)         torch SDPA
                      bf16, AVX512-BF16 (else torch SDPA)
 
-Without gradients (inference) on CPU the scan and conv kernels read and write bf16 in place (no fp32
-copies), and the scan also applies delta's bias + softplus and the silu(z) gate: one pass instead of
-five over [b, l, d_in].
-
 and for decoding (a few rows of one token, no gradients, fp32/bf16, CPU: ``decode_kernels``), whole
 layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, the MoE with
 its router, attention of one query over the cache, and matrix-vector products (``linear``);
 elsewhere the modules' own torch ops, which are their reference.
+
+Without gradients (inference) on CPU the scan and conv kernels read and write bf16 in place (no fp32
+copies), and the scan also applies delta's bias + softplus and the silu(z) gate: one pass instead of
+five over [b, l, d_in].
 
 The backend is 'auto' (the table) or 'ref' (ref.py everywhere), from ``HYBRIDLM_SCAN=ref|auto`` at
 import or ``set_backend(...)``; ``report()`` says which path runs and why. Nothing falls back
@@ -27,11 +27,10 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 import torch.nn.functional as F
 
 from . import decode_cpu
-import torch
-
 from .attn_cpu import HEAD_SIZES, flash_attn_available, flash_attn_cpu
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_infer, causal_conv1d_step
 from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, moe_step

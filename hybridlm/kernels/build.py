@@ -49,6 +49,7 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }
+RESTYPES = {"hybridlm_decode_rec_len": _I64, "hybridlm_has_flash_attn": _INT, "hybridlm_flash_attn": _INT}  # else void
 
 _lib: ctypes.CDLL | None = None
 info: dict = {}   # path, build_seconds (0: cached), compiler, isa: filled by load()
@@ -67,6 +68,12 @@ def ptr(t) -> int | None:
 def f32(t):
     """A contiguous fp32 copy of t, or t itself when it already is one (detached either way)."""
     return t.detach().to(torch.float32).contiguous()
+
+
+def evenly_strided(t):
+    """t [b, l, d] as the forward kernels take it: the last dimension contiguous and row r of batch entry i
+    at (i * l + r) * t.stride(1) (e.g. a column slice of a wider [b, l, D]); else a contiguous copy."""
+    return t if t.stride(2) == 1 and t.stride(0) == t.shape[1] * t.stride(1) else t.contiguous()
 
 
 def threads_for(work: int) -> int:
@@ -129,9 +136,7 @@ def load() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, (_I64 if name.endswith("_rec_len") else
-                                                 _INT if name in ("hybridlm_flash_attn", "hybridlm_has_flash_attn")
-                                                 else None)
+            fn.argtypes, fn.restype = argtypes, RESTYPES.get(name)
     except (OSError, AttributeError) as e:
         raise KernelUnavailable(f"loading {out} failed: {e}") from e
     flags = _cpu_id().split()

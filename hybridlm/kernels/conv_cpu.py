@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build
-from .build import f32, ptr
+from .build import evenly_strided, f32, ptr
 
 
 class CausalConv1dFn(torch.autograd.Function):
@@ -78,9 +78,7 @@ def causal_conv1d_infer(x, weight, bias=None, state=None):
     b, l, d = x.shape
     k = weight.shape[1]
     bf16 = x.dtype == torch.bfloat16
-    xk = x.detach() if bf16 else f32(x)
-    if xk.stride(2) != 1 or xk.stride(0) != l * xk.stride(1):
-        xk = xk.contiguous()
+    xk = evenly_strided(x.detach() if bf16 else f32(x))
     wT, bf = f32(weight.t()), None if bias is None else f32(bias)
     prevf = torch.zeros(b, k - 1, d, dtype=torch.float32) if state is None else f32(state.transpose(1, 2))
     out = torch.empty(b, l, d, dtype=xk.dtype)

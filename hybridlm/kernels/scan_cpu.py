@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import build
-from .build import f32, ptr
+from .build import evenly_strided, f32, ptr
 
 CHECKPOINT_EVERY = 64   # K; 32 and 128 measured slower
 MAX_GROUP = 8           # channel blocks per backward work item (sums B/C gradients over 128 channels)
@@ -80,11 +80,7 @@ def selective_scan_infer(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None)
         u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
     else:
         u, delta, B, C = (f32(t) for t in (u, delta, B, C))
-    zk = None
-    if z is not None:
-        zk = z if bf16 else f32(z)
-        if zk.stride(2) != 1 or zk.stride(0) != l * zk.stride(1):
-            zk = zk.contiguous()
+    zk = None if z is None else evenly_strided(z if bf16 else f32(z))
     Af, Df = f32(A), f32(D)
     bias = None if delta_bias is None else f32(delta_bias)
     h0f = None if h0 is None else f32(h0)

@@ -57,10 +57,6 @@ inline void store_cols(void* out, const float* src, int64_t b, int64_t ld, int64
         for (int64_t c = c0; c < c1; ++c) put(out, bi * ld + c, src[bi * ld + c], is_bf16);
 }
 
-// W consecutive weights as fp32
-template <typename T>
-inline vf loadw(const T* p) { return load(p, W); }
-
 // w (<= W) consecutive values at p[i..] of an fp32 or bf16 array, as fp32 lanes (missing lanes 0)
 inline vf loadv(const void* p, int64_t i, bool is_bf16, int w) {
     return is_bf16 ? load(static_cast<const bf16*>(p) + i, w) : load(static_cast<const float*>(p) + i, w);
@@ -107,12 +103,12 @@ inline void row_dot(const T* wr, const float* x, int64_t k, float* s) {
     int64_t c = 0;
     for (; c < kc; c += CH * W)
         for (int q = 0; q < CH; ++q) {
-            const vf wv = loadw(wr + c + q * W);
-            for (int j = 0; j < NB; ++j) acc[j][q] += wv * loadw(x + j * k + c + q * W);
+            const vf wv = load(wr + c + q * W, W);
+            for (int j = 0; j < NB; ++j) acc[j][q] += wv * load(x + j * k + c + q * W, W);
         }
     for (; c < kv; c += W) {
-        const vf wv = loadw(wr + c);
-        for (int j = 0; j < NB; ++j) acc[j][0] += wv * loadw(x + j * k + c);
+        const vf wv = load(wr + c, W);
+        for (int j = 0; j < NB; ++j) acc[j][0] += wv * load(x + j * k + c, W);
     }
     for (int j = 0; j < NB; ++j) {
         vf t = acc[j][0];
@@ -219,14 +215,6 @@ inline void gemv_share(const void* w, bool w_bf16, const float* bias, const floa
     int64_t r0, r1;
     split(rows, omp_get_thread_num(), omp_get_num_threads(), RB, r0, r1);
     gemv(w, w_bf16, bias, x, out, ldo, b, k, r0, r1);
-}
-
-// x [n] <- x * rsqrt(mean(x^2) + eps) * weight
-inline void rmsnorm(float* x, const float* weight, int64_t n, float eps) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-    const float s = 1.0f / std::sqrt(ss / n + eps);
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] * s * weight[i];
 }
 
 }  // namespace
@@ -373,10 +361,11 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
         gemv_share(w_x, w16, nullptr, u.data(), dbc.data(), nx, b, d_in, nx);
 #pragma omp barrier
 #pragma omp single
-        for (int64_t bi = 0; bi < b; ++bi) {
-            rmsnorm(dbc.data() + bi * nx, dt_ln, r, eps);
-            rmsnorm(dbc.data() + bi * nx + r, b_ln, n, eps);
-            rmsnorm(dbc.data() + bi * nx + r + n, c_ln, n, eps);
+        for (int64_t bi = 0; bi < b; ++bi) {                  // in place, fp32 (elementwise.cpp)
+            float* row = dbc.data() + bi * nx;
+            hybridlm_rmsnorm(row, row, 0, dt_ln, 0, eps, 1, r, 1);
+            hybridlm_rmsnorm(row + r, row + r, 0, b_ln, 0, eps, 1, n, 1);
+            hybridlm_rmsnorm(row + r + n, row + r + n, 0, c_ln, 0, eps, 1, n, 1);
         }
         // (implicit barrier) per channel: delta = softplus(dt_proj(dt) + bias), the scan step, D skip, gate
         std::vector<bf16> dt_buf;

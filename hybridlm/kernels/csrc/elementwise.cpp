@@ -1,6 +1,6 @@
-// Fused elementwise ops of inference over many rows (prefill), where torch runs one pass per op and,
-// in bf16, converts to fp32 and back in each: silu(g) * u of the SwiGLU MLP, and the residual add +
-// RMSNorm between sublayers. fp32 arithmetic, one rounding to the tensor dtype at the end.
+// Fused elementwise ops of inference, where torch runs one pass per op and, in bf16, converts to fp32
+// and back in each: silu(g) * u of the SwiGLU MLP (fp32 arithmetic, one rounding at the end), and
+// RMSNorm over any number of rows (rounded where norm.py's torch ops round; decode.cpp uses it too).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Vector helpers shared by the CPU kernels (selective_scan.cpp, causal_conv1d.cpp, decode.cpp).
+// Vector helpers shared by the CPU kernels in csrc/.
 //
 // GCC's vector extensions make the vectorisation explicit instead of hoping the auto-vectoriser
 // takes every loop; with -march=native a vf is one AVX-512 register (two AVX2 registers).
@@ -60,8 +60,8 @@ inline vf vexp(vf x) {
 #endif
 }
 
-// 1 / (1 + exp(-x)); exp(-x) saturates to 0 or ~1e38 at the extremes, which gives the right
-// limits (1 and 0).
+// 1 / (1 + exp(-x)); exp(-x) goes to 0 or to inf (~1e38 without AVX-512) at the extremes, which
+// gives the right limits (1 and 0).
 inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
 // log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): with e = exp(-|x|) in (0, 1], log1p(e) =
