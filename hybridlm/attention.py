@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVState
-from .kernels import attn_step, decode_kernels, flash_attn_cpu, fused_attention, linear
+from .kernels import Linear, attn_step, decode_kernels, flash_attn_cpu, fused_attention
 
 # queries per SDPA call when an explicit mask is needed: bounds the [b, 1, q, s] mask's memory
 _Q_BLOCK_ELEMS = 1 << 25
@@ -30,20 +30,20 @@ class Attention(nn.Module):
     def __init__(self, cfg, window: int | None = None):
         super().__init__()
         self.h, self.h_kv, self.d_h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d_h, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.h_kv * self.d_h, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.h_kv * self.d_h, bias=False)
-        self.o_proj = nn.Linear(self.h * self.d_h, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.h * self.d_h, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.h_kv * self.d_h, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.h_kv * self.d_h, bias=False)
+        self.o_proj = Linear(self.h * self.d_h, cfg.hidden_size, bias=False)
         self.rope_theta = cfg.rope_theta
         self.window = window
 
     def forward(self, x: torch.Tensor, state: KVState | None = None, ctx=None) -> torch.Tensor:
         """x: [b, l, d]. ``ctx`` (a ``model.StepContext``) carries positions, validity and the cache position."""
         b, l, _ = x.shape
-        # linear = nn.Linear's forward, through the decode kernel for a few rows (kernels.linear)
-        q = linear(x, self.q_proj.weight).view(b, l, self.h, self.d_h).transpose(1, 2)      # [b, h, l, d_h]
-        k = linear(x, self.k_proj.weight).view(b, l, self.h_kv, self.d_h).transpose(1, 2)   # [b, h_kv, l, d_h]
-        v = linear(x, self.v_proj.weight).view(b, l, self.h_kv, self.d_h).transpose(1, 2)
+        # kernels.Linear: through the decode kernel for a few rows
+        q = self.q_proj(x).view(b, l, self.h, self.d_h).transpose(1, 2)          # [b, h, l, d_h]
+        k = self.k_proj(x).view(b, l, self.h_kv, self.d_h).transpose(1, 2)       # [b, h_kv, l, d_h]
+        v = self.v_proj(x).view(b, l, self.h_kv, self.d_h).transpose(1, 2)
         if self.rope_theta is not None:
             q, k = rope(q, ctx.positions, self.rope_theta), rope(k, ctx.positions, self.rope_theta)
         if l == 1 and state is not None and self.window is None and decode_kernels(x, state.k):
@@ -52,7 +52,7 @@ class Attention(nn.Module):
             state.v[:, :, ctx.start] = v[:, :, 0]
             out = attn_step(q.transpose(1, 2).reshape(b, 1, self.h * self.d_h), state.k, state.v, ctx.valid,
                             ctx.start + 1, self.h)
-            return linear(out, self.o_proj.weight)
+            return self.o_proj(out)
 
         start = ctx.start                                 # slot of the first new token
         q_slots = torch.arange(start, start + l, device=x.device)
@@ -78,7 +78,7 @@ class Attention(nn.Module):
             state.v[:, :, idx] = v[:, :, l - keep:]
 
         out = self._sdpa(q, keys, vals, q_slots, k_slots, k_valid)              # [b, h, l, d_h]
-        return linear(out.transpose(1, 2).reshape(b, l, self.h * self.d_h), self.o_proj.weight)
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.h * self.d_h))
 
     def _sdpa(self, q, k, v, q_slots, k_slots, k_valid):
         if self.window is None and fused_attention(q, k, v):   # keys are slots 0 .. s-1 here

@@ -45,6 +45,21 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
+              "amx_bf16", "amx_int8", "asimd", "sve", "bf16", "i8mm")
+
+
+def cpu_flags() -> list[str]:
+    """The vector-ISA flags of this CPU that the kernels (and llama.cpp's) dispatch on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(line for line in f if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [f for f in _ISA_FLAGS if f in have]
+
+
 def load_average() -> tuple[float, float, float] | None:
     """1/5/15-minute load: recorded beside timings so a busy machine shows in the results."""
     try:
@@ -56,7 +71,8 @@ def load_average() -> tuple[float, float, float] | None:
 def environment() -> dict:
     """Machine, torch version, threads, commit and kernel paths: printed with every result."""
     from . import kernels
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "python": sys.version.split()[0], "commit": git_commit(), "kernels": kernels.report(),
             "load_average": load_average()}
 
@@ -66,7 +82,8 @@ def environment_md(env: dict) -> str:
     kern = ", ".join(f"{op}: {how}" for op, how in k.items() if op != "backend")
     load = env.get("load_average")
     busy = f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}\n" if load else ""
-    return (f"- machine: {env['cpu']}, {env['cores']} cores, {env['threads']} torch threads\n"
+    return (f"- machine: {env['cpu']} ({' '.join(env.get('cpu_flags', [])) or 'flags unknown'}), {env['cores']} cores, "
+            f"{env['threads']} torch threads\n"
             f"- torch {env['torch']}, Python {env['python']}, hybridlm commit {env['commit']}\n"
             f"- kernels: {kern}\n" + busy)
 
@@ -237,7 +254,7 @@ def cache_table(cfg, contexts: list[int], dtypes: list[str]) -> list[dict]:
 
 def bench(model: str, lengths: list[int] = (2048, 8192, 32768), prompt: int = 2048,
           decode_prompt: int = 128, decode_tokens: int = 64, dtypes: list[str] = ("float32", "bfloat16"),
-          threads: int = 0, repeats: int = 1, logits_budget: str = "4GiB", out: str = "") -> dict:
+          threads: int = 0, repeats: int = 1, logits_budget: str = "4GiB", out: str = "", quantize: str = "") -> dict:
     """Measure a model's speed on this machine: full-forward prefill, prompt processing and decode
     tokens per second, peak memory, and cache bytes per context, for each dtype.
 
@@ -259,6 +276,7 @@ def bench(model: str, lengths: list[int] = (2048, 8192, 32768), prompt: int = 20
         repeats: runs per measurement; the fastest is kept
         logits_budget: largest full-logits tensor to materialise, such as 4GiB
         out: also write OUT.json and OUT.md
+        quantize: quantize the weights while loading: int8, int4, or a spec such as int4:g32 (empty: off)
 
     Examples:
         hybridlm bench bench-88m
@@ -275,10 +293,10 @@ def bench(model: str, lengths: list[int] = (2048, 8192, 32768), prompt: int = 20
             raise ValueError(f"give explicit dtypes (float32, bfloat16), not {d!r}")
     budget = parse_bytes(logits_budget)
     env = environment()
-    results: dict = {"env": env, "model": model, "rows": [], "argv": sys.argv}
+    results: dict = {"env": env, "model": model, "rows": [], "argv": sys.argv, "quantize": quantize or None}
     cfg = None
     for d in dtypes:
-        m = load_model(model, dtype=parse_dtype(d))
+        m = load_model(model, dtype=parse_dtype(d), quantize=quantize)
         cfg = m.config
         results.setdefault("params", {"total": m.num_params(), "active": m.num_params(active=True)})
         warmup(m)

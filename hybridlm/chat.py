@@ -197,7 +197,7 @@ def repl(session: ChatSession, inp=None, out=None, err=None, show_stats: bool = 
 
 def chat(model: str, system: str = "", max_new_tokens: int = 512, temperature: float = 0.8,
          top_p: float = 0.95, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, dtype: str = "auto",
-         prefix_cache: str = "256MB", load: str = "", threads: int = 0, stats: bool = True) -> int:
+         prefix_cache: str = "256MB", load: str = "", threads: int = 0, stats: bool = True, quantize: str = "") -> int:
     """Chat with a checkpoint in the terminal, replies streamed; commands /reset, /save PATH, /load PATH,
     /quit. The conversation's state is kept, so each turn processes only its new tokens.
 
@@ -215,6 +215,7 @@ def chat(model: str, system: str = "", max_new_tokens: int = 512, temperature: f
         repetition_penalty: >1 discourages repeating tokens
         seed: random seed for sampling
         dtype: weight dtype: auto (the checkpoint's), bfloat16, float32
+        quantize: quantize the weights while loading: int8, int4, or a spec such as int4:g32 (empty: off)
         prefix_cache: memory for kept states, e.g. 256MB
         load: resume a conversation saved with /save
         threads: torch CPU threads (0: torch's default)
@@ -233,7 +234,7 @@ def chat(model: str, system: str = "", max_new_tokens: int = 512, temperature: f
         raise CLIError(f"'{model}' is a preset (random weights, no tokenizer); chat needs a checkpoint directory")
     if threads:
         torch.set_num_threads(threads)
-    m = load_model(model, dtype=parse_dtype(dtype))
+    m = load_model(model, dtype=parse_dtype(dtype), quantize=quantize)
     fmt = ChatFormat.from_dir(model)
     session = ChatSession(m, fmt, system, max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty, seed),
                           PrefixCache(parse_bytes(prefix_cache)))

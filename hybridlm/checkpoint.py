@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import HybridConfig
-from .safetensors_io import SafeTensorsFile, save_file
+from .safetensors_io import SafeTensorsFile, save_file_streaming
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,30 +93,73 @@ def read_config(path: Path) -> HybridConfig:
     return HybridConfig.from_json(cfg_file)
 
 
-def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_pickle: bool = False):
+def read_quantization(path: Path):
+    """The quant.QuantScheme recorded in a checkpoint's config.json, or None."""
+    d = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if d is None:
+        return None
+    from .quant import QuantScheme
+    return QuantScheme.from_config(d, source=str(path / "config.json"))
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_pickle: bool = False,
+                    quantize=None):
+    """See HybridLM.from_pretrained. ``quantize`` (a quant.QuantScheme or its spelling, e.g. "int4"):
+    quantize each linear weight as it is read, so memory never holds more than the quantized model plus
+    one tensor. A checkpoint saved quantized loads into quantized layers by itself."""
     from .model import HybridLM
+    from .quant import QuantLinear, QuantScheme, quantize_structure
     path = Path(path)
     cfg = read_config(path)
+    stored = read_quantization(path)
+    scheme = QuantScheme.parse(quantize) if quantize is not None else stored
+    if stored is not None and scheme != stored:
+        raise ValueError(f"{path} is already quantized ({stored}); load it without quantize=/--quantize, or "
+                         f"quantize the original bf16/fp32 checkpoint to {scheme} instead")
     files = find_weights(path, allow_pickle)
     with torch.device("meta"):
         model = HybridLM(cfg)
+    if scheme is not None:
+        quantize_structure(model, scheme)
     expected = dict(model.named_parameters(remove_duplicate=False))
+    expected.update(model.named_buffers())
     loaded, unexpected, mismatched = set(), [], []
     for name, get, shape in _iter_tensors(files):
+        layer_name, _, leaf = name.rpartition(".")
+        layer = _submodule(model, layer_name)
+        if stored is None and isinstance(layer, QuantLinear) and leaf == "weight":
+            # a float weight for a quantized layer: quantize it now, straight from the file map
+            if shape != (layer.out_features, layer.in_features):
+                mismatched.append(f"{name}: expected {[layer.out_features, layer.in_features]}, found {list(shape)}")
+                continue
+            layer.quantize_(get().to(device))
+            loaded.update(f"{layer_name}.{k}" for k in ("weight", "weight_scale", "weight_min"))
+            continue
         if name not in expected:
             unexpected.append(name)
             continue
         want = tuple(expected[name].shape)
         if shape != want:
-            mismatched.append(f"{name}: expected {list(want)}, found {list(shape)}")
+            why = " (quantized with another scheme or group size?)" if isinstance(layer, QuantLinear) else ""
+            mismatched.append(f"{name}: expected {list(want)}, found {list(shape)}{why}")
             continue
         t = get()
-        t = t.to(device=device, dtype=dtype or t.dtype, copy=True)  # own the memory, never the file map
+        keep = isinstance(layer, QuantLinear) and leaf != "bias"   # packed integers and their scales
+        t = t.to(device=device, dtype=None if keep else dtype or t.dtype, copy=True)  # own the memory, not the map
+        if keep and t.dtype != expected[name].dtype:
+            mismatched.append(f"{name}: expected {expected[name].dtype}, found {t.dtype}")
+            continue
         _assign(model, name, t)
         loaded.add(name)
-    if cfg.tie_word_embeddings and "lm_head.weight" not in loaded and "model.embed_tokens.weight" in loaded:
-        loaded.add("lm_head.weight")
-    missing = sorted(set(expected) - loaded)
+    tied_head = {"lm_head.weight", "lm_head.weight_scale", "lm_head.weight_min"}
+    if cfg.tie_word_embeddings and not loaded & tied_head and "model.embed_tokens.weight" in loaded:
+        if isinstance(model.lm_head, QuantLinear):   # quantizing while loading: lm_head from the embeddings
+            model.lm_head.quantize_(model.model.embed_tokens.weight)
+            cfg.tie_word_embeddings = False
+        loaded.update(tied_head)
+    elif cfg.tie_word_embeddings and "lm_head.weight" in loaded:
+        _untie_if_stored(model, path)
+    missing = sorted(n for n in set(expected) - loaded if expected[n] is not None)
     problems = []
     if mismatched:
         problems.append("shape mismatch: " + "; ".join(mismatched[:10]))
@@ -130,34 +173,74 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
         model.lm_head.weight = model.model.embed_tokens.weight
     if dtype is None:  # one dtype for the whole model: the checkpoint's majority dtype
         dtype = max(((p.dtype, p.numel()) for p in model.parameters()), key=lambda x: x[1])[0]
-        model.to(dtype)
+        for p in model.parameters():             # parameters only: quantized layers keep their scale dtype
+            p.data = p.data.to(dtype)
     return model.eval()
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _untie_if_stored(model, path: Path):
+    """A config that says tie_word_embeddings but a checkpoint that stores its own lm_head.weight: when the
+    two differ, the stored tensor is used and the model is untied (said once, here)."""
+    import logging
+    head, emb = model.lm_head.weight, model.model.embed_tokens.weight
+    if head.shape == emb.shape and torch.equal(head, emb.to(head.dtype)):
+        return
+    logging.getLogger("hybridlm").warning(
+        "%s: config.json says tie_word_embeddings but the checkpoint stores a different lm_head.weight; "
+        "using the stored lm_head (the model is loaded untied)", path)
+    model.config.tie_word_embeddings = False
 
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor):
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
-    mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    if attr in mod._buffers:
+        mod._buffers[attr] = t
+    else:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
 
 
 def save_pretrained(model, path, max_shard_bytes: int | None = None):
     """Write the hub layout: config.json and model.safetensors, or shards + model.safetensors.index.json
-    when ``max_shard_bytes`` is set. Files are written under temporary names and renamed, so a crash
-    never leaves a half-written checkpoint under the final names."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    when ``max_shard_bytes`` is set (see ``write_checkpoint``)."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    config = {**model.config.to_dict(), "dtype": _dtype_name(next(model.parameters()).dtype)}
+    from .quant import scheme_of
+    scheme = scheme_of(model)
+    if scheme is not None:
+        config["quantization_config"] = scheme.to_config()
+    write_checkpoint(path, config, {k: (tuple(sd[k].shape), sd[k].dtype) for k in sorted(sd)},
+                     lambda k: [sd[k]], max_shard_bytes)
+
+
+def write_checkpoint(path, config: dict, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], make,
+                     max_shard_bytes: int | None = None):
+    """Write ``config`` as config.json and the tensors of ``specs`` (name -> (shape, dtype), in file order)
+    as model.safetensors, or as shards + model.safetensors.index.json past ``max_shard_bytes``.
+    ``make(name)`` yields each tensor's data in row-major blocks, so peak memory is one block.
+    Files are written under temporary names and renamed, so a crash never leaves a half-written
+    checkpoint under the final names."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = [{}]
-    size = 0
-    for k in sorted(sd):
-        nbytes = sd[k].numel() * sd[k].element_size()
+    size = total = 0
+    for k, (shape, dtype) in specs.items():
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][k] = sd[k]
+        shards[-1][k] = (shape, dtype)
         size += nbytes
+        total += nbytes
     meta = {"format": "pt"}
     written = []
     if len(shards) == 1:
@@ -165,19 +248,17 @@ def save_pretrained(model, path, max_shard_bytes: int | None = None):
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, path / (name + ".tmp"), metadata=meta)
+        save_file_streaming(shard, make, path / (name + ".tmp"), metadata=meta)
         written.append(name)
     for name in written:
         os.replace(path / (name + ".tmp"), path / name)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+        index = {"metadata": {"total_size": total},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         _write_atomic(path / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
     else:
         (path / "model.safetensors.index.json").unlink(missing_ok=True)
-    cfg = model.config.to_dict()
-    cfg["dtype"] = _dtype_name(next(model.parameters()).dtype)
-    _write_atomic(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _write_atomic(path: Path, text: str):
@@ -186,16 +267,23 @@ def _write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def load_model(spec: str | Path, dtype: torch.dtype | None = None, device="cpu", seed: int = 0):
+def load_model(spec: str | Path, dtype: torch.dtype | None = None, device="cpu", seed: int = 0, quantize=None):
     """A checkpoint directory, or a preset name (randomly initialised with ``seed``; on the meta device
-    only shapes exist, which is enough to count parameters of models too large for this machine)."""
+    only shapes exist, which is enough to count parameters of models too large for this machine).
+    ``quantize``: a quant.QuantScheme or its spelling ("int8", "int4:g64", ...), applied while loading."""
     from .config import PRESETS, preset
     from .model import HybridLM
+    from .quant import QuantScheme, quantize_model, quantize_structure
+    scheme = None if quantize in (None, "", "none") else QuantScheme.parse(quantize)
     if str(spec) in PRESETS:
         with torch.device("meta" if str(device) == "meta" else "cpu"):
             model = HybridLM(preset(str(spec)))
         if str(device) != "meta":
             model.init_weights(seed).to(device=device, dtype=dtype)
+            if scheme is not None:
+                quantize_model(model.requires_grad_(False), scheme)
+        elif scheme is not None:
+            quantize_structure(model, scheme)
         return model.eval()
     p = Path(spec)
     if not p.exists():
@@ -203,8 +291,10 @@ def load_model(spec: str | Path, dtype: torch.dtype | None = None, device="cpu",
                                 f"(presets: {', '.join(PRESETS)})")
     if str(device) == "meta":
         with torch.device("meta"):
-            return HybridLM(read_config(p)).eval()
-    return load_pretrained(p, dtype=dtype, device=device)
+            model = HybridLM(read_config(p)).eval()
+        scheme = scheme or read_quantization(p)
+        return quantize_structure(model, scheme) if scheme is not None else model
+    return load_pretrained(p, dtype=dtype, device=device, quantize=scheme)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:

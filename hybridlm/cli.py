@@ -21,7 +21,9 @@ COMMANDS: dict[str, str] = {
     "serve": "hybridlm.serve:serve",
     "train": "hybridlm.train:train_cli",
     "bench": "hybridlm.bench:bench",
+    "quantize": "hybridlm.quant:quantize_cli",
     "ablate": "hybridlm.eval.ablate:ablate",
+    "eval": "hybridlm.eval.quality:eval_cli",
     "inspect": "hybridlm.summary:inspect_cmd",
     "plan": "hybridlm.summary:plan_cmd",
 }

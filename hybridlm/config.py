@@ -256,6 +256,22 @@ PRESETS: dict[str, dict] = {
     "jamba-v0.1": dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, num_experts=16, num_experts_per_tok=2,
                        attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1),
+    # dimensions of AI21's Jamba Reasoning 3B / Jamba2-3B (no weights here), as AI21's model card and two
+    # independent ports give them (the config.json itself could not be read from here): 28 layers,
+    # attention at layers 7 and 21 only, 20 query heads sharing 1 key/value head of size 128, dense MLPs,
+    # dt_rank 160, a separate lm_head (file sizes suggest it); 3.197B parameters
+    "jamba-reasoning-3b": dict(vocab_size=65536, hidden_size=2560, intermediate_size=8192, num_hidden_layers=28,
+                               num_attention_heads=20, num_key_value_heads=1, num_experts=1, num_experts_per_tok=1,
+                               attn_layer_period=14, attn_layer_offset=7, mamba_d_state=16, mamba_d_conv=4,
+                               mamba_expand=2, mamba_dt_rank=160, mamba_conv_bias=True, mamba_proj_bias=False,
+                               rms_norm_eps=1e-6, max_position_embeddings=262144, tie_word_embeddings=False),
+    # dimensions of AI21's Jamba-1.5-Mini (also Jamba-1.6/1.7 Mini and Jamba2 Mini; no weights here), as the
+    # Jamba-1.5 report and model card give them: the Jamba-v0.1 shape with dt_rank 256, 51.6B total /
+    # 12.1B active parameters
+    "jamba-1.5-mini": dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, num_experts=16, num_experts_per_tok=2,
+                           attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1,
+                           mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256),
 }
 
 

@@ -201,7 +201,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperatu
 
 def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                 dtype: str = "auto", stop: list[str] | None = None, prompt_file: str = "") -> int:
+                 dtype: str = "auto", stop: list[str] | None = None, prompt_file: str = "", quantize: str = "") -> int:
     """Generate a continuation of a prompt with a checkpoint, streaming tokens as they come.
 
     Args:
@@ -216,6 +216,7 @@ def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, tempera
         dtype: weight dtype: auto (the checkpoint's), bfloat16, float32
         stop: stop strings
         prompt_file: read the prompt from this file instead
+        quantize: quantize the weights while loading: int8, int4, or a spec such as int4:g32 (empty: off)
 
     Examples:
         hybridlm generate ./out --prompt "def fibonacci(n):" --max-new-tokens 80
@@ -227,7 +228,7 @@ def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, tempera
 
     from .checkpoint import load_model, parse_dtype
     text = Path(prompt_file).read_text() if prompt_file else prompt
-    m = load_model(model, dtype=parse_dtype(dtype))
+    m = load_model(model, dtype=parse_dtype(dtype), quantize=quantize)
     tok = None
     if Path(model).is_dir():
         from .tokenizer import load_tokenizer

@@ -18,11 +18,10 @@ state continue from it and are updated in place; without one they start from zer
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import MambaState
-from .kernels import causal_conv1d, decode_kernels, mamba_step, selective_scan
+from .kernels import Linear, causal_conv1d, decode_kernels, mamba_step, selective_scan
 from .norm import RMSNorm
 
 
@@ -31,14 +30,14 @@ class MambaMixer(nn.Module):
         super().__init__()
         d, d_in, n, r, k = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
         self.d_in, self.n, self.r, self.k = d_in, n, r, k
-        self.in_proj = nn.Linear(d, 2 * d_in, bias=cfg.mamba_proj_bias)
+        self.in_proj = Linear(d, 2 * d_in, bias=cfg.mamba_proj_bias)
         # depthwise causal conv: the weight keeps upstream's [d_in, 1, k] shape
         self.conv1d = nn.Conv1d(d_in, d_in, k, groups=d_in, bias=cfg.mamba_conv_bias)
-        self.x_proj = nn.Linear(d_in, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, d_in, bias=True)
+        self.x_proj = Linear(d_in, r + 2 * n, bias=False)
+        self.dt_proj = Linear(r, d_in, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_in, 1))
         self.D = nn.Parameter(torch.ones(d_in))
-        self.out_proj = nn.Linear(d_in, d, bias=cfg.mamba_proj_bias)
+        self.out_proj = Linear(d_in, d, bias=cfg.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
@@ -52,7 +51,7 @@ class MambaMixer(nn.Module):
         """
         b, l, _ = x.shape
         if l == 1 and state is not None and mask is None and \
-                decode_kernels(x, self.in_proj.weight, self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight):
+                decode_kernels(x, self.in_proj, self.x_proj, self.dt_proj, self.out_proj):
             return mamba_step(self, x, state)                   # the same computation, fused (kernels/decode_cpu.py)
         xz = self.in_proj(x)                                    # [b, l, 2*d_in]
         u, z = xz.chunk(2, dim=-1)                              # [b, l, d_in] each
@@ -66,7 +65,7 @@ class MambaMixer(nn.Module):
         dt = self.dt_layernorm(dt)
         B = self.b_layernorm(B)
         C = self.c_layernorm(C)
-        dt = F.linear(dt, self.dt_proj.weight)                 # [b, l, d_in]; its bias goes in with the softplus
+        dt = self.dt_proj(dt, bias=False)                      # [b, l, d_in]; its bias goes in with the softplus
         A = -torch.exp(self.A_log.float())                      # [d_in, n]
         # delta = softplus(dt + bias) in fp32 (the reference kernel's delta_bias, delta_softplus), and the
         # output gate y * silu(z): both inside selective_scan, which fuses them where it can (kernels/)

@@ -22,7 +22,7 @@ from torch import nn
 from .attention import Attention
 from .cache import Cache
 from .config import HybridConfig, preset
-from .kernels import decode_plan, linear
+from .kernels import Linear, decode_plan
 from .mamba import MambaMixer
 from .moe import MLP, MoE, load_balancing_loss
 from .norm import RMSNorm
@@ -72,12 +72,30 @@ class Backbone(nn.Module):
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def init_value(name: str, shape: tuple[int, ...], std: float, g: torch.Generator | None = None) -> torch.Tensor:
+    """The fresh fp32 value of parameter ``name`` (``HybridLM.init_weights``; random values drawn from
+    ``g``). Every rule is row by row, so ``shape`` may also be that of a block of leading rows
+    (random_checkpoint.py makes big tensors a block at a time)."""
+    if name.endswith("A_log"):
+        return torch.log(torch.arange(1, shape[1] + 1, dtype=torch.float32)).expand(shape)
+    if name.endswith(".D") or "layernorm" in name:
+        return torch.ones(shape)
+    if name.endswith("dt_proj.bias"):
+        # dt ~ log-uniform in [1e-3, 1e-1], bias = softplus^-1(dt)
+        dt = torch.exp(torch.rand(shape, generator=g) * (torch.log(torch.tensor(0.1)) -
+                       torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
+        return dt + torch.log(-torch.expm1(-dt))
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    return torch.randn(shape, generator=g) * std
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: HybridConfig):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointing = False   # activation checkpointing per layer (training)
@@ -89,10 +107,11 @@ class HybridLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device="cpu",
-                        allow_pickle: bool = False) -> "HybridLM":
-        """Load a HuggingFace-format Jamba checkpoint directory (config.json + safetensors)."""
+                        allow_pickle: bool = False, quantize=None) -> "HybridLM":
+        """Load a HuggingFace-format Jamba checkpoint directory (config.json + safetensors); ``quantize``
+        ("int8", "int4", ... see quant.py) quantizes the linear layers while loading."""
         from .checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        return load_pretrained(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None):
         """Write config.json + safetensors in the hub layout (transformers and vLLM read it)."""
@@ -103,23 +122,9 @@ class HybridLM(nn.Module):
         """Fresh initialisation (normal(0, initializer_range) for matrices, Mamba's S4D-real A and
         dt bias as in Gu & Dao 2023 sec. 3.6)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.config.initializer_range
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("A_log"):
-                    n = p.shape[1]
-                    p.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(p))
-                elif name.endswith(".D") or "layernorm" in name:
-                    p.fill_(1.0)
-                elif name.endswith("dt_proj.bias"):
-                    # dt ~ log-uniform in [1e-3, 1e-1], bias = softplus^-1(dt)
-                    dt = torch.exp(torch.rand(p.shape, generator=g) * (torch.log(torch.tensor(0.1)) -
-                                   torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
-                    p.copy_(dt + torch.log(-torch.expm1(-dt)))
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(init_value(name, p.shape, self.config.initializer_range, g))
         return self
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
@@ -179,7 +184,7 @@ class HybridLM(nn.Module):
         h, _ = self.hidden(input_ids, cache, mask)
         if last_only:
             h = h[:, -1:]
-        return linear(h, self.lm_head.weight)                    # = self.lm_head(h); see kernels.linear
+        return self.lm_head(h)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              activation_loss_coef: float = 0.0) -> dict:

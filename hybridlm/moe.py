@@ -9,18 +9,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import decode_kernels, linear, mlp_step, moe_step, silu_mul
+from .kernels import Linear, decode_kernels, mlp_step, moe_step, silu_mul
 
 
 class MLP(nn.Module):
     def __init__(self, d: int, d_ff: int):
         super().__init__()
-        self.gate_proj = nn.Linear(d, d_ff, bias=False)
-        self.up_proj = nn.Linear(d, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d, bias=False)
+        self.gate_proj = Linear(d, d_ff, bias=False)
+        self.up_proj = Linear(d, d_ff, bias=False)
+        self.down_proj = Linear(d_ff, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if decode_kernels(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight):
+        if decode_kernels(x, self.gate_proj, self.up_proj, self.down_proj):
             return mlp_step(self, x)                                  # a few rows: fused (kernels/decode_cpu.py)
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
@@ -29,12 +29,12 @@ class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.router_renormalize
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.intermediate_size) for _ in range(cfg.num_experts))
 
     def route(self, x: torch.Tensor):
         """x: [t, d] -> router logits [t, e], top-k weights [t, k] (x's dtype), expert ids [t, k]."""
-        logits = linear(x, self.router.weight)
+        logits = self.router(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
@@ -43,8 +43,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [b, l, d] -> (out [b, l, d], router logits [b*l, e])."""
-        if decode_kernels(x, self.router.weight, *(p for ex in self.experts for p in
-                                                   (ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight))):
+        if decode_kernels(x, self.router, *(p for ex in self.experts for p in (ex.gate_proj, ex.up_proj, ex.down_proj))):
             return moe_step(self, x)                                   # a few rows: fused (kernels/decode_cpu.py)
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                   # [t, d]

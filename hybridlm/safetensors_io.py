@@ -75,7 +75,6 @@ class SafeTensorsFile:
             t = torch.frombuffer(self._mm, dtype=dtype, count=(end - b) // dtype.itemsize, offset=self._base + b)
         return t.view(e["shape"])
 
-
     def release(self, k: str):
         """Tell the kernel the mapped pages of tensor ``k`` are no longer needed (after copying it), so
         loading a checkpoint does not also keep the whole file resident in this process."""
@@ -89,25 +88,42 @@ class SafeTensorsFile:
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None):
-    """Write ``tensors`` (contiguous, CPU) as one safetensors file."""
+    """Write ``tensors`` (contiguous, CPU) as one safetensors file, in name order."""
+    items = dict(sorted(tensors.items()))
+    save_file_streaming({k: (tuple(t.shape), t.dtype) for k, t in items.items()}, lambda k: [items[k]], path,
+                        metadata)
+
+
+def save_file_streaming(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], make, path: str | Path,
+                        metadata: dict[str, str] | None = None):
+    """Write one safetensors file without holding its tensors: the header comes from ``specs``
+    (name -> (shape, dtype), in file order), then ``make(name)`` yields each tensor's data as row-major
+    blocks (CPU tensors), written as they come. Peak memory: one block."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    items = sorted(tensors.items())
-    for k, t in items:
-        if t.dtype not in _NAMES:
-            raise ValueError(f"cannot save tensor {k} of dtype {t.dtype} in safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[k] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    for k, (shape, dtype) in specs.items():
+        if dtype not in _NAMES:
+            raise ValueError(f"cannot save tensor {k} of dtype {dtype} in safetensors")
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        header[k] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in items:
-            t = t.detach().to("cpu").contiguous()
-            nbytes = t.numel() * t.element_size()
-            if nbytes:
-                f.write((ctypes.c_char * nbytes).from_address(t.data_ptr()))
+        for k, (shape, dtype) in specs.items():
+            written = 0
+            for t in make(k):
+                if t.dtype != dtype:
+                    raise ValueError(f"tensor {k}: made {t.dtype}, its header says {dtype}")
+                t = t.detach().to("cpu").contiguous()
+                nbytes = t.numel() * t.element_size()
+                if nbytes:
+                    f.write((ctypes.c_char * nbytes).from_address(t.data_ptr()))
+                written += nbytes
+            b, end = header[k]["data_offsets"]
+            if written != end - b:
+                raise ValueError(f"tensor {k}: made {written} bytes, its shape {list(shape)} needs {end - b}")
         f.flush()
         os.fsync(f.fileno())

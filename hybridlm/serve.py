@@ -822,7 +822,7 @@ def _hold_tool_calls(text: str) -> tuple[str, str]:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "", dtype: str = "auto",
           context: int = 0, max_new_tokens: int = 2048, max_batch: int = 16, max_queue: int = 256,
           max_body: str = "4MB", prefix_cache: str = "512MB", snapshot_every: int = 1024, threads: int = 0,
-          log_level: str = "info") -> int:
+          log_level: str = "info", quantize: str = "") -> int:
     """Serve a checkpoint over the OpenAI API on /v1 (chat completions with streaming and tools, completions,
     models; /health); prompt states are kept and reused. Ctrl-C stops it after open requests finish.
 
@@ -836,6 +836,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
         port: TCP port
         name: model id clients send; empty: the directory name
         dtype: weight dtype: auto (the checkpoint's), bfloat16, float32
+        quantize: quantize the weights while loading: int8, int4, or a spec such as int4:g32 (empty: off)
         context: longest prompt + completion in tokens; 0: the model's max_position_embeddings
         max_new_tokens: largest max_tokens a request may ask for
         max_batch: requests decoded together
@@ -865,7 +866,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
         raise CLIError(f"--port must be in 1..65535, got {port}")
     if threads:
         torch.set_num_threads(threads)
-    m = load_model(model, dtype=parse_dtype(dtype))
+    m = load_model(model, dtype=parse_dtype(dtype), quantize=quantize)
     fmt = ChatFormat.from_dir(model)
     cap = m.config.max_position_embeddings
     if context < 0 or context > cap:

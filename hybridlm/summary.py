@@ -60,10 +60,26 @@ class MemoryPlan:
         return self.weights + self.kv + self.conv + self.ssm
 
 
+def weight_bytes(cfg: HybridConfig, dtype: str = "bfloat16", quantize=None) -> int:
+    """Bytes of the weights in ``dtype``, with the linear layers quantized by ``quantize`` (a quant.py
+    scheme or its spelling such as "int4") when given: packed integers and scales at their own sizes."""
+    import torch
+
+    from .model import HybridLM
+    from .quant import QuantScheme, quantize_structure
+    with torch.device("meta"):
+        m = HybridLM(cfg)
+    if quantize:
+        quantize_structure(m, QuantScheme.parse(quantize))
+    return (sum(p.numel() for p in m.parameters()) * _BYTES[dtype]
+            + sum(b.numel() * b.element_size() for b in m.buffers()))
+
+
 def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: str = "bfloat16",
-                cache_dtype: str = "bfloat16", n_params: int | None = None) -> MemoryPlan:
+                cache_dtype: str = "bfloat16", n_params: int | None = None, quantize=None) -> MemoryPlan:
     """Bytes of weights, KV cache (attention layers), conv and SSM state (Mamba layers, SSM in fp32).
-    ``n_params`` skips counting the parameters again (callers that plan many contexts pass it)."""
+    ``n_params`` skips counting the parameters again (callers that plan many contexts pass it);
+    ``quantize`` (a quant.py scheme) plans quantized linear layers."""
     wb, cb = _BYTES[weight_dtype], _BYTES[cache_dtype]
     kv = conv = ssm = 0
     for i in range(cfg.num_hidden_layers):
@@ -74,6 +90,8 @@ def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: s
         else:
             slots = context if kind == "attention" else min(context, cfg.sliding_window)
             kv += 2 * batch * cfg.num_key_value_heads * slots * cfg.head_size * cb
+    if quantize:
+        return MemoryPlan(weight_bytes(cfg, weight_dtype, quantize), kv, conv, ssm)
     n = param_counts(cfg)["total"] if n_params is None else n_params
     return MemoryPlan(n * wb, kv, conv, ssm)
 
@@ -123,7 +141,8 @@ def inspect_cmd(model: str, dtype: str = "auto") -> int:
     return 0
 
 
-def plan_cmd(model: str, context: int = 262144, batch: int = 1, budget: str = "", dtype: str = "bfloat16") -> int:
+def plan_cmd(model: str, context: int = 262144, batch: int = 1, budget: str = "", dtype: str = "bfloat16",
+             quantize: str = "") -> int:
     """Memory plan: weights, KV cache and Mamba state at a context length, beside a pure transformer
     of the same size, and the longest context that fits a memory budget.
 
@@ -133,20 +152,31 @@ def plan_cmd(model: str, context: int = 262144, batch: int = 1, budget: str = ""
         batch: sequences held at once
         budget: memory budget such as 8GB; prints the longest context that fits
         dtype: weight and KV-cache dtype (bfloat16, float16, float32)
+        quantize: plan the linear layers quantized: int8, int4, or a spec such as int4:g32 (empty: the
+            checkpoint's own scheme, or none)
 
     Examples:
         hybridlm plan bench-88m --context 262144
         hybridlm plan jamba-v0.1 --context 262144 --budget 80GB
+        hybridlm plan jamba-reasoning-3b --context 32768 --quantize int4
     """
     from .checkpoint import load_model
     if dtype not in _BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_BYTES)}")
+    from .checkpoint import read_quantization
+    from pathlib import Path
     cfg = load_model(model, device="meta").config
     twin = transformer_twin(cfg)
+    if not quantize and Path(model).is_dir():
+        quantize = read_quantization(Path(model))
     kw = dict(weight_dtype=dtype, cache_dtype=dtype)
     rows = [("hybrid (" + cfg.pattern[:16] + ("..." if len(cfg.pattern) > 16 else "") + ")", cfg),
             ("pure transformer", twin)]
-    print(f"memory at context {context:,}, batch {batch}, {dtype}:")
+    if quantize:
+        from .quant import QuantScheme
+        kw["quantize"] = QuantScheme.parse(quantize)
+    print(f"memory at context {context:,}, batch {batch}, {dtype}" + (f", weights {kw['quantize']}" if quantize
+                                                                       else "") + ":")
     print(f"  {'model':28s} {'weights':>11s} {'KV cache':>11s} {'conv state':>11s} {'SSM state':>11s} {'total':>11s}")
     for name, c in rows:
         p = memory_plan(c, context, batch, **kw)

@@ -74,9 +74,19 @@ def test_linear_dispatch_rules():
     assert "decode" in kernels.report()
 
 
-def test_mixed_weight_dtypes_refused():
-    x = torch.randn(1, 16)
-    assert not decode_cpu.applies(x, torch.randn(8, 16), torch.randn(8, 16).bfloat16())
+def test_mixed_weight_dtypes():
+    """Each weight reaches the kernel with its own kind, so one call may mix fp32 and bf16 weights."""
+    g = gen(3)
+    x = torch.randn(2, 1, 16, generator=g)
+    mlp = MLP(16, 24)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    mlp.up_proj.bfloat16().requires_grad_(False)
+    mlp.requires_grad_(False)
+    assert decode_cpu.applies(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    ref = mlp.down_proj(F.silu(mlp.gate_proj(x.view(2, 16)).float()) * F.linear(x.view(2, 16), mlp.up_proj.weight.float()))
+    assert err(decode_cpu.mlp_step(mlp, x).view(2, 16), ref) < 1e-4
 
 
 def test_grad_enabled_parameters_take_the_autograd_path():

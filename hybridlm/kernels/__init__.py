@@ -8,10 +8,12 @@
     attention        C++ flash kernel without gradients,   decode kernels (below)         torch SDPA
                      bf16, AVX512-BF16 (else torch SDPA)
 
-and for decoding (a few rows of one token, no gradients, fp32/bf16, CPU: ``decode_kernels``), whole
-layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, the MoE with
-its router, attention of one query over the cache, and matrix-vector products (``linear``);
-elsewhere the modules' own torch ops, which are their reference.
+and for decoding (a few rows of one token, no gradients, fp32/bf16 activations, CPU: ``decode_kernels``),
+whole layers fused into one C++ call each (decode_cpu.py): the Mamba mixer step, the SwiGLU MLP, the MoE
+with its router, attention of one query over the cache, and matrix-vector products (``linear``), reading
+fp32, bf16 or quantized int8/int4 weights (quant.py); elsewhere the modules' own torch ops, which are
+their reference. Quantized layers with more rows dequantize their weight once per call (``dequantize``:
+a C++ pass on CPU, else ``QuantLinear.dequantize_ref``) and multiply with torch.
 
 Without gradients (inference) on CPU the scan and conv kernels read and write bf16 in place (no fp32
 copies), and the scan also applies delta's bias + softplus and the silu(z) gate: one pass instead of
@@ -29,11 +31,12 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import decode_cpu
 from .attn_cpu import HEAD_SIZES, flash_attn_available, flash_attn_cpu
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_infer, causal_conv1d_step
-from .decode_cpu import attn_step, linear_step, mamba_step, mlp_step, moe_step
+from .decode_cpu import attn_step, dequantize_cpu, linear_step, mamba_step, mlp_step, moe_step
 from .elementwise_cpu import rmsnorm_cpu, silu_mul_cpu
 from .ref import causal_conv1d_ref, selective_scan_ref
 from .scan_cpu import selective_scan_cpu, selective_scan_infer, selective_scan_step
@@ -80,7 +83,7 @@ def report() -> dict:
         return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
                 "causal_conv1d": f"ref: concat + torch conv1d ({why})", "silu_mul, rmsnorm": f"torch ops ({why})",
                 "attention (prefill)": f"torch SDPA ({why})",
-                "decode": f"torch ops ({why})"}
+                "decode": f"torch ops ({why})", "quantized weights": f"torch dequantization + GEMM ({why})"}
     if _cpu_kernels():
         from . import build
         took = build.info["build_seconds"]
@@ -103,6 +106,9 @@ def report() -> dict:
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
                       f"{'one C++ call per step through all layers when attention has no RoPE/window, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
+            "quantized weights": (f"int8/int4 read directly by the decode kernels ({build.info['isa']} vectors), "
+                                  "dequantized by a C++ pass for prefill GEMMs" if _cpu_error is None else
+                                  "torch dequantization + GEMM (C++ kernels unavailable)"),
             "cpu_kernels": library}
 
 
@@ -158,7 +164,8 @@ def silu_mul(g, u):
 
 
 def decode_kernels(x, *weights) -> bool:
-    """Whether the fused decode kernels take a call on ``x`` [..., d] with these weights."""
+    """Whether the fused decode kernels take a call on ``x`` [..., d] with these weights (tensors, linear
+    layers or QuantLinear layers)."""
     return _backend == "auto" and decode_cpu.applies(x, *weights) and _cpu_kernels()
 
 
@@ -185,6 +192,24 @@ def linear(x, weight, bias=None):
     if decode_kernels(x, weight):
         return linear_step(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same product) whose forward goes through ``linear``, so a few rows take
+    the decode kernel. ``bias=False`` in the call leaves the bias out (Mamba adds dt_proj's inside its
+    softplus). quant.QuantLinear replaces it when a model is quantized."""
+
+    def forward(self, x, bias: bool = True):
+        return linear(x, self.weight, self.bias if bias else None)
+
+
+def dequantize(layer, dtype: torch.dtype):
+    """A quant.QuantLinear's weight [out, in] in ``dtype``: one C++ pass on CPU (fp32/bf16), else the
+    layer's plain-torch reference."""
+    w = layer.weight
+    if _backend == "auto" and w.device.type == "cpu" and dtype in _FUSED_DTYPES and _cpu_kernels():
+        return dequantize_cpu(layer, dtype)
+    return layer.dequantize_ref().to(dtype)
 
 
 def causal_conv1d(x, weight, bias=None, state=None):

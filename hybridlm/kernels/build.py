@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp", "elementwise.cpp", "flash_attn.cpp")
+SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp", "elementwise.cpp", "flash_attn.cpp", "quant.cpp")
 # -march=native: the vectors in csrc/simd.h become AVX-512 or AVX2 as the CPU allows
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
@@ -36,11 +36,12 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_conv_fwd": [_P, _I64] + [_P] * 4 + [_INT] + [_I64] * 4 + [_INT],
     "hybridlm_silu_mul": [_P, _P, _INT, _I64, _INT],
     "hybridlm_conv_bwd": [_P] * 8 + [_I64] * 4 + [_INT],
-    "hybridlm_linear_step": [_P, _INT, _P, _INT, _P, _P] + [_I64] * 3 + [_INT],
-    "hybridlm_mlp_step": [_P, _P, _INT, _P, _P, _P, _INT] + [_I64] * 3 + [_INT],
-    "hybridlm_mamba_step": [_P, _P, _INT] + [_P] * 4 + [_INT] + [_P] * 7 + [ctypes.c_float] + [_P] * 3
+    "hybridlm_linear_step": [_P, _INT, _P, _P, _P] + [_I64] * 3 + [_INT],
+    "hybridlm_mlp_step": [_P, _P, _INT, _P, _P, _P] + [_I64] * 3 + [_INT],
+    "hybridlm_mamba_step": [_P, _P, _INT] + [_P] * 4 + [_P] * 7 + [ctypes.c_float] + [_P] * 3
                            + [_P, _INT, _P] + [_I64] * 6 + [_INT],
-    "hybridlm_moe_step": [_P, _P, _INT, _P, _P, _P, _P, _INT, _P] + [_I64] * 5 + [_INT, _INT],
+    "hybridlm_moe_step": [_P, _P, _INT, _P, _P, _P, _P, _P] + [_I64] * 5 + [_INT, _INT],
+    "hybridlm_dequantize": [_P, _P, _INT, _I64, _I64, _INT],
     "hybridlm_rmsnorm": [_P, _P, _INT, _P, _INT, ctypes.c_float, _I64, _I64, _INT],
     "hybridlm_decode_rec_len": [],
     "hybridlm_has_flash_attn": [],

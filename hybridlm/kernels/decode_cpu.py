@@ -8,8 +8,9 @@ the lm_head at a third of the memory bandwidth. These kernels read each weight o
 compute in fp32 (rounding only the output to the model dtype) and split rows/channels over torch's
 thread count. The op-by-op modules stay the reference; tests/test_kernels.py compares the two.
 
-They take a call when ``applies``: CPU, fp32 or bf16 activations and weights (one dtype for the
-weights of a call), at most MAX_ROWS rows, and no gradient wanted.
+They take a call when ``applies``: CPU, fp32 or bf16 activations, fp32/bf16 weights or quantized layers
+(quant.QuantLinear: int8/int4, read packed), at most MAX_ROWS rows, and no gradient wanted. Each weight
+reaches C++ as a ``Mat`` (csrc/mat.h): its kind, data, scales and layout.
 """
 from __future__ import annotations
 
@@ -26,16 +27,50 @@ MAX_ROWS = 4   # rows per call; more rows reuse each weight enough for torch's m
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-def applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+class Mat(ctypes.Structure):
+    """csrc/mat.h's Mat: one weight matrix as the kernels read it."""
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("min", ctypes.c_void_p),
+                ("kind", ctypes.c_int64), ("ld", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("scale_bf16", ctypes.c_int64)]
+
+
+def _is_quant(w) -> bool:
+    return hasattr(w, "weight_scale")        # quant.QuantLinear (not imported: quant.py imports kernels)
+
+
+def _weight(w):
+    """A weight tensor, or a QuantLinear, from a tensor or a linear layer."""
+    return w if isinstance(w, torch.Tensor) or _is_quant(w) else w.weight
+
+
+def tensors_of(w) -> tuple:
+    """The tensors a weight's Mat points into."""
+    w = _weight(w)
+    return (w.weight, w.weight_scale, w.weight_min) if _is_quant(w) else (w,)
+
+
+def mat(w) -> Mat:
+    """The Mat of a weight [o, k]: an fp32/bf16 tensor, a linear layer, or a QuantLinear. The caller keeps
+    the weight alive while the Mat is in use."""
+    w = _weight(w)
+    if not _is_quant(w):
+        return Mat(w.data_ptr(), None, None, _is16(w), w.shape[1], 0, 0)
+    s, m = w.weight_scale, w.weight_min
+    return Mat(w.weight.data_ptr(), s.data_ptr(), None if m is None else m.data_ptr(),
+               2 if w.scheme.bits == 8 else 3, w.ld, w.group, _is16(s))
+
+
+def applies(x: torch.Tensor, *weights) -> bool:
     """Whether the decode kernels can compute ``x`` [..., d] with these weights (see module doc)."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() > MAX_ROWS * x.shape[-1]:
         return False
-    dtype = weights[0].dtype
-    if dtype not in _DTYPES:
-        return False
     grad = torch.is_grad_enabled() and x.requires_grad
-    for w in weights:
-        if w.dtype != dtype or not w.is_contiguous():
+    for w in map(_weight, weights):
+        if _is_quant(w):
+            if w.weight.device.type != "cpu":
+                return False
+            continue
+        if w.dtype not in _DTYPES or not w.is_contiguous():
             return False
         grad = grad or (torch.is_grad_enabled() and w.requires_grad)
     return not grad
@@ -57,25 +92,36 @@ def _small_params(module: torch.nn.Module, sources: tuple, make) -> tuple:
     return hit[1]
 
 
-def linear_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a few rows: x [..., k] -> [..., o] in x's dtype."""
+def linear_step(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a few rows: x [..., k] -> [..., o] in x's dtype; weight [o, k] as ``mat`` takes it."""
     x = x.contiguous()
-    o, k = weight.shape
+    w = _weight(weight)
+    o, k = (w.out_features, w.in_features) if _is_quant(w) else w.shape
     out = torch.empty(*x.shape[:-1], o, dtype=x.dtype)
     bf = None if bias is None else bias.detach().float().contiguous()
-    build.load().hybridlm_linear_step(ptr(x), _is16(x), ptr(weight), _is16(weight), ptr(bf), ptr(out),
+    m = mat(w)
+    build.load().hybridlm_linear_step(ptr(x), _is16(x), ctypes.byref(m), ptr(bf), ptr(out),
                                       x.numel() // k, k, o, torch.get_num_threads())
+    return out
+
+
+def dequantize_cpu(layer, dtype: torch.dtype) -> torch.Tensor:
+    """A QuantLinear's weight as an fp32/bf16 tensor [out, in], in one threaded C++ pass."""
+    out = torch.empty(layer.out_features, layer.in_features, dtype=dtype)
+    m = mat(layer)
+    build.load().hybridlm_dequantize(ctypes.byref(m), ptr(out), _is16(out), layer.out_features,
+                                     layer.in_features, build.threads_for(out.numel()))
     return out
 
 
 def mlp_step(mlp, x: torch.Tensor) -> torch.Tensor:
     """moe.MLP's forward for a few rows: down(silu(gate(x)) * up(x)), x [..., d]."""
     x = x.contiguous()
-    f, d = mlp.gate_proj.weight.shape
+    f, d = mlp.gate_proj.out_features, mlp.gate_proj.in_features
     out = torch.empty_like(x)
-    build.load().hybridlm_mlp_step(ptr(x), ptr(out), _is16(x), ptr(mlp.gate_proj.weight), ptr(mlp.up_proj.weight),
-                                   ptr(mlp.down_proj.weight), _is16(mlp.gate_proj.weight), x.numel() // d, d, f,
-                                   torch.get_num_threads())
+    g, u, dn = mat(mlp.gate_proj), mat(mlp.up_proj), mat(mlp.down_proj)
+    build.load().hybridlm_mlp_step(ptr(x), ptr(out), _is16(x), ctypes.byref(g), ctypes.byref(u), ctypes.byref(dn),
+                                   x.numel() // d, d, f, torch.get_num_threads())
     return out
 
 
@@ -101,10 +147,10 @@ def mamba_step(m, x: torch.Tensor, state) -> torch.Tensor:
     b, _, d = x.shape
     out = torch.empty_like(x)
     in_b, out_b, conv_w, conv_b, dt_ln, b_ln, c_ln, dt_b, A, D = _small_params(m, _mamba_sources(m), _mamba_small)
-    w = m.in_proj.weight
+    w_in, w_x, w_dt, w_out = (mat(p) for p in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj))
     build.load().hybridlm_mamba_step(
-        ptr(x), ptr(out), _is16(x), ptr(w), ptr(m.x_proj.weight), ptr(m.dt_proj.weight), ptr(m.out_proj.weight),
-        _is16(w), ptr(in_b), ptr(out_b), ptr(conv_w), ptr(conv_b), ptr(dt_ln), ptr(b_ln), ptr(c_ln),
+        ptr(x), ptr(out), _is16(x), ctypes.byref(w_in), ctypes.byref(w_x), ctypes.byref(w_dt), ctypes.byref(w_out),
+        ptr(in_b), ptr(out_b), ptr(conv_w), ptr(conv_b), ptr(dt_ln), ptr(b_ln), ptr(c_ln),
         m.dt_layernorm.eps, ptr(dt_b), ptr(A), ptr(D), ptr(conv), _is16(conv), ptr(ssm),
         b, d, m.d_in, m.n, m.r, m.k, torch.get_num_threads())
     return out
@@ -134,27 +180,35 @@ def _pointer_array(pointers: list[int]) -> ctypes.Array:
     return (ctypes.c_void_p * len(pointers))(*pointers)
 
 
+def _mat_array(layers) -> tuple[ctypes.Array, list[Mat]]:
+    """A C array of pointers to the layers' Mats (``const Mat* const*``), and the Mats it points to (keep
+    them alive while the array is in use)."""
+    mats = [mat(layer) for layer in layers]
+    return _pointer_array([ctypes.addressof(m) for m in mats]), mats
+
+
 def moe_step(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """moe.MoE's forward for a few rows, router included: x [..., d] -> (out like x, router logits
     [rows, e] fp32)."""
     x = x.contiguous()
     d = x.shape[-1]
     rows, e = x.numel() // d, len(moe.experts)
-    f = moe.experts[0].gate_proj.weight.shape[0]
+    f = moe.experts[0].gate_proj.out_features
     out = torch.empty_like(x)
     logits = torch.empty(rows, e, dtype=torch.float32)
-    gate, up, down = (_pointer_array([getattr(ex, proj).weight.data_ptr() for ex in moe.experts])
-                      for proj in ("gate_proj", "up_proj", "down_proj"))
-    build.load().hybridlm_moe_step(ptr(x), ptr(out), _is16(x), ptr(moe.router.weight), gate, up, down,
-                                   _is16(moe.router.weight), ptr(logits), rows, d, f, e, moe.top_k,
-                                   int(moe.renormalize), torch.get_num_threads())
+    (gate, gm), (up, um), (down, dm) = (_mat_array([getattr(ex, proj) for ex in moe.experts])
+                                        for proj in ("gate_proj", "up_proj", "down_proj"))
+    router = mat(moe.router)
+    build.load().hybridlm_moe_step(ptr(x), ptr(out), _is16(x), ctypes.byref(router), gate, up, down,
+                                   ptr(logits), rows, d, f, e, moe.top_k, int(moe.renormalize),
+                                   torch.get_num_threads())
     return out, logits
 
 
 # ---- the whole step in one call -----------------------------------------------------------------------
 # Record fields of csrc/decode.cpp's hybridlm_decode_layers, in its order; attention layers put their
 # fields where the Mamba ones start.
-_HEAD = ("mixer", "ffn", "norm1", "norm2", "norm_bf16", "w_bf16")
+_HEAD = ("mixer", "ffn", "norm1", "norm2", "norm_bf16")
 _MAMBA = ("w_in", "w_x", "w_dt", "w_out", "in_b", "out_b", "conv_w", "conv_b", "dt_ln", "b_ln", "c_ln", "dt_b", "A",
           "D", "conv", "conv_bf16", "ssm", "d_in", "n", "r", "k")
 _ATTN = ("wq", "wk", "wv", "wo", "kc", "vc", "kv_bf16", "h", "h_kv", "s", "dh")
@@ -167,7 +221,7 @@ def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
     """Whether ``DecodePlan`` can run this forward: one token per row, at most MAX_ROWS rows, no mask, no
     gradient, CPU, fp32/bf16, and only full attention without RoPE (Jamba's layers)."""
     cfg = model.config
-    w = model.lm_head.weight
+    w = model.model.embed_tokens.weight
     return (mask is None and input_ids.shape[1] == 1 and input_ids.shape[0] <= MAX_ROWS
             and input_ids.device.type == "cpu" and w.dtype in _DTYPES and cfg.rope_theta is None
             and MIXER_SYMBOL["local"] not in cfg.pattern.lower()
@@ -175,9 +229,9 @@ def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
 
 
 class DecodePlan:
-    """Pointers to every weight and cache buffer a decode step reads, laid out for
-    ``hybridlm_decode_layers``; built once per (model, cache) and rebuilt when a parameter is replaced,
-    moved or updated in place, or a cache buffer is replaced."""
+    """Pointers to every weight (as a Mat) and cache buffer a decode step reads, laid out for
+    ``hybridlm_decode_layers``; built once per (model, cache) and rebuilt when a parameter or buffer is
+    replaced, moved or updated in place, or a cache buffer is replaced."""
 
     def __init__(self, model, cache):
         if build.load().hybridlm_decode_rec_len() != _REC:
@@ -190,7 +244,7 @@ class DecodePlan:
         recs = torch.zeros(cfg.num_hidden_layers, _REC, dtype=torch.int64)
         for i, layer in enumerate(model.model.layers):
             rec = {"norm1": self._p(layer.input_layernorm, "weight"), "norm2": self._p(layer.pre_ff_layernorm, "weight"),
-                   "norm_bf16": _is16(layer.input_layernorm.weight), "w_bf16": _is16(model.lm_head.weight)}
+                   "norm_bf16": _is16(layer.input_layernorm.weight)}
             state = cache.layers[i]
             if layer.kind == "mamba":
                 m = layer.mamba
@@ -200,8 +254,8 @@ class DecodePlan:
                 for mod in m.modules():                   # the fp32 copies above derive from all of them
                     for name in mod._parameters:
                         self._p(mod, name)
-                rec.update(mixer=0, w_in=self._p(m.in_proj, "weight"), w_x=self._p(m.x_proj, "weight"),
-                           w_dt=self._p(m.dt_proj, "weight"), w_out=self._p(m.out_proj, "weight"),
+                rec.update(mixer=0, w_in=self._m(m.in_proj), w_x=self._m(m.x_proj), w_dt=self._m(m.dt_proj),
+                           w_out=self._m(m.out_proj),
                            conv=self._state(i, state, "conv"), conv_bf16=_is16(state.conv),
                            ssm=self._state(i, state, "ssm"),
                            d_in=m.d_in, n=m.n, r=m.r, k=m.k,
@@ -209,36 +263,46 @@ class DecodePlan:
                                                               "c_ln", "dt_b", "A", "D"), small)})
             else:
                 a = layer.self_attn
-                rec.update(mixer=1, wq=self._p(a.q_proj, "weight"), wk=self._p(a.k_proj, "weight"),
-                           wv=self._p(a.v_proj, "weight"), wo=self._p(a.o_proj, "weight"),
+                rec.update(mixer=1, wq=self._m(a.q_proj), wk=self._m(a.k_proj), wv=self._m(a.v_proj), wo=self._m(a.o_proj),
                            kc=self._state(i, state, "k"), vc=self._state(i, state, "v"), kv_bf16=_is16(state.k),
                            h=a.h, h_kv=a.h_kv, s=state.k.shape[2], dh=a.d_h)
             ff = layer.feed_forward
             if hasattr(ff, "experts"):
-                arrays = [_pointer_array([self._p(getattr(ex, proj), "weight") for ex in ff.experts])
+                arrays = [_pointer_array([self._m(getattr(ex, proj)) for ex in ff.experts])
                           for proj in ("gate_proj", "up_proj", "down_proj")]
                 self.keep += arrays
-                rec.update(ffn=1, f_a=self._p(ff.router, "weight"), f_b=ctypes.addressof(arrays[0]),
+                rec.update(ffn=1, f_a=self._m(ff.router), f_b=ctypes.addressof(arrays[0]),
                            f_c=ctypes.addressof(arrays[1]), f_d=ctypes.addressof(arrays[2]),
-                           ff=ff.experts[0].gate_proj.weight.shape[0], e=len(ff.experts), topk=ff.top_k,
+                           ff=ff.experts[0].gate_proj.out_features, e=len(ff.experts), topk=ff.top_k,
                            renorm=int(ff.renormalize))
             else:
-                rec.update(ffn=0, f_a=self._p(ff.gate_proj, "weight"), f_b=self._p(ff.up_proj, "weight"),
-                           f_c=self._p(ff.down_proj, "weight"), ff=ff.gate_proj.weight.shape[0])
+                rec.update(ffn=0, f_a=self._m(ff.gate_proj), f_b=self._m(ff.up_proj), f_c=self._m(ff.down_proj),
+                           ff=ff.gate_proj.out_features)
             for k, v in rec.items():
                 recs[i, _INDEX[k]] = v
-        dtypes = {w.dtype for _, key, w, _, _ in self.watch.values() if key == "weight" and w.dim() == 2}
-        if len(dtypes) != 1 or not dtypes <= set(_DTYPES):
-            raise ValueError(f"the decode plan needs one weight dtype, fp32 or bf16; found {sorted(map(str, dtypes))}")
         self.recs = recs
 
     def _p(self, module, name: str) -> int:
-        t = module._parameters[name]
+        """Watch a parameter (or buffer) of a module; its data pointer."""
+        owner = module._parameters if name in module._parameters else module._buffers
+        t = owner[name]
         if t is not None:
-            self.watch[id(module._parameters), name] = (module._parameters, name, t, t.data_ptr(), t._version)
+            self.watch[id(owner), name] = (owner, name, t, t.data_ptr(), t._version)
             if not t.is_contiguous():
                 raise ValueError(f"the decode plan needs contiguous weights; {name} of {type(module).__name__} is not")
         return 0 if t is None else t.data_ptr()
+
+    def _m(self, layer) -> int:
+        """Watch a linear or quantized layer's weight tensors; the address of its Mat."""
+        if not applies(torch.empty(1, 1), layer):
+            raise ValueError(f"the decode plan cannot read a {type(layer).__name__} weight of dtype "
+                             f"{tensors_of(layer)[0].dtype}; it reads fp32, bf16, int8 and int4")
+        for name in ("weight", "weight_scale", "weight_min"):
+            if name in layer._parameters or name in layer._buffers:
+                self._p(layer, name)
+        m = mat(layer)
+        self.keep.append(m)
+        return ctypes.addressof(m)
 
     def _state(self, i: int, state, name: str) -> int:
         t = getattr(state, name)
@@ -275,4 +339,4 @@ def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
     build.load().hybridlm_decode_layers(ptr(plan.recs), plan.recs.shape[0], ptr(x), ptr(cache.valid),
                                         cache.valid.stride(0), start, b, d, final.eps, torch.get_num_threads())
     h = rmsnorm_cpu(final, x)
-    return linear_step(h, model.lm_head.weight).to(emb.weight.dtype)[:, None]
+    return linear_step(h, model.lm_head).to(emb.weight.dtype)[:, None]

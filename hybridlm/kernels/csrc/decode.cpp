@@ -4,11 +4,13 @@
 // A decode step of a small model is bound by two things: reading every active weight once from
 // memory, and the per-op overhead of dozens of small torch calls per layer. These kernels do a
 // layer's work in one call with fp32 arithmetic throughout (more exact than the op-by-op path,
-// which rounds to the model dtype between ops), reading fp32 or bf16 weights.
+// which rounds to the model dtype between ops), reading fp32, bf16, int8 or int4 weights (mat.h)
+// with fp32 activations: a quantized weight is expanded to fp32 in registers, so the result is the
+// product with the dequantized matrix, as the prefill path computes it.
 //
 // Shapes (b = rows being decoded, small):
 //     x, out          [b, d]           activations, fp32 or bf16 (act_bf16)
-//     weights         [out, in]        nn.Linear's layout, fp32 or bf16 (w_bf16), contiguous
+//     weights         [out, in]        nn.Linear's layout, passed as a Mat (mat.h): fp32, bf16, int8, int4
 //     small params    fp32, contiguous (the Python side keeps fp32 copies)
 //     conv_state      [b, d_in, k-1]   fp32 or bf16 (state_bf16), updated in place
 //     ssm             [b, d_in, n]     fp32, updated in place
@@ -26,6 +28,7 @@
 #include <immintrin.h>
 #endif
 
+#include "mat.h"
 #include "simd.h"
 
 extern "C" void hybridlm_rmsnorm(const void* x, void* out, int act_bf16, const void* weight, int w_bf16, float eps,
@@ -202,19 +205,110 @@ void gemv_rows(const T* w, const float* bias, const float* x, float* out, int64_
     }
 }
 
-// gemv_rows over a type-erased weight pointer
-inline void gemv(const void* w, bool w_bf16, const float* bias, const float* x, float* out, int64_t ldo,
-                 int64_t b, int64_t k, int64_t r0, int64_t r1) {
-    if (w_bf16) gemv_rows(static_cast<const bf16*>(w), bias, x, out, ldo, b, k, r0, r1);
-    else gemv_rows(static_cast<const float*>(w), bias, x, out, ldo, b, k, r0, r1);
+// Quantized rows (mat.h): for each group, the dot of the unpacked integers with x, times the group's
+// scale; int4's offset (-8 symmetric, + min asymmetric) applies to the group's sum of x, computed once
+// per call (xsum [NB, groups]). x [NB, ld] is zero past the logical k.
+template <int NB, bool INT4>
+inline void row_dot_q(const Mat& m, int64_t r, const float* x, const float* xsum, float* s) {
+    const int64_t ld = m.ld, g = m.group, ng = ld / g;
+    const bool s16 = m.scale_bf16;
+    vf tot[NB];
+    float off[NB];
+    for (int j = 0; j < NB; ++j) { tot[j] = splat(0.0f); off[j] = 0.0f; }
+    for (int64_t G = 0; G < ng; ++G) {
+        vf acc[NB][2];
+        for (int j = 0; j < NB; ++j) acc[j][0] = acc[j][1] = splat(0.0f);
+        const int64_t c0 = G * g;
+        if constexpr (INT4) {
+            const uint8_t* wr = static_cast<const uint8_t*>(m.data) + (r * ld + c0) / 2;
+            for (int64_t c = 0; c < g; c += 2 * W) {
+                vf lo, hi;
+                cvt_u4(wr + c / 2, lo, hi);
+                for (int j = 0; j < NB; ++j) {
+                    acc[j][0] += lo * load(x + j * ld + c0 + c, W);
+                    acc[j][1] += hi * load(x + j * ld + c0 + c + W, W);
+                }
+            }
+        } else {
+            const int8_t* wr = static_cast<const int8_t*>(m.data) + r * ld + c0;
+            int64_t c = 0;
+            for (; c + 2 * W <= g; c += 2 * W) {
+                const vf w0 = cvt_s8(wr + c), w1 = cvt_s8(wr + c + W);
+                for (int j = 0; j < NB; ++j) {
+                    acc[j][0] += w0 * load(x + j * ld + c0 + c, W);
+                    acc[j][1] += w1 * load(x + j * ld + c0 + c + W, W);
+                }
+            }
+            for (; c < g; c += W) {                       // per-channel rows: any length
+                const int w = static_cast<int>(std::min<int64_t>(W, g - c));
+                vf wv = splat(0.0f);
+                for (int q = 0; q < w; ++q) wv[q] = wr[c + q];
+                for (int j = 0; j < NB; ++j) acc[j][0] += wv * load(x + j * ld + c0 + c, w);
+            }
+        }
+        const float sc = scale_at(m.scale, r * ng + G, s16);
+        for (int j = 0; j < NB; ++j) tot[j] += (acc[j][0] + acc[j][1]) * sc;
+        if (m.min) {
+            const float mn = scale_at(m.min, r * ng + G, s16);
+            for (int j = 0; j < NB; ++j) off[j] += mn * xsum[j * ng + G];
+        } else if (INT4) {
+            for (int j = 0; j < NB; ++j) off[j] -= 8.0f * sc * xsum[j * ng + G];
+        }
+    }
+    for (int j = 0; j < NB; ++j) s[j] = hsum(tot[j]) + off[j];
+}
+
+// gemv_rows for quantized weights: x [b, k] copied to [b, ld] (zero padded) with its group sums
+template <bool INT4>
+void gemv_rows_q(const Mat& m, const float* bias, const float* x, float* out, int64_t ldo, int64_t b, int64_t k,
+                 int64_t r0, int64_t r1) {
+    const int64_t ld = m.ld, ng = ld / m.group;
+    thread_local std::vector<float> xp, xs;
+    xp.assign(b * ld, 0.0f);
+    xs.assign(b * ng, 0.0f);
+    for (int64_t j = 0; j < b; ++j) {
+        std::copy(x + j * k, x + (j + 1) * k, xp.data() + j * ld);
+        if (INT4 || m.min)
+            for (int64_t G = 0; G < ng; ++G) {
+                vf sv = splat(0.0f);
+                for (int64_t c = G * m.group; c < (G + 1) * m.group; c += W)
+                    sv += load(xp.data() + j * ld + c, static_cast<int>(std::min<int64_t>(W, (G + 1) * m.group - c)));
+                xs[j * ng + G] = hsum(sv);
+            }
+    }
+    float s[BB];
+    for (int64_t r = r0; r < r1; ++r)
+        for (int64_t b0 = 0; b0 < b; b0 += BB) {
+            const int64_t nb = std::min<int64_t>(BB, b - b0);
+            const float* xb = xp.data() + b0 * ld;
+            const float* sb = xs.data() + b0 * ng;
+            switch (nb) {
+                case 1: row_dot_q<1, INT4>(m, r, xb, sb, s); break;
+                case 2: row_dot_q<2, INT4>(m, r, xb, sb, s); break;
+                case 3: row_dot_q<3, INT4>(m, r, xb, sb, s); break;
+                default: row_dot_q<4, INT4>(m, r, xb, sb, s); break;
+            }
+            for (int64_t j = 0; j < nb; ++j) out[(b0 + j) * ldo + r] = s[j] + (bias ? bias[r] : 0.0f);
+        }
+}
+
+// out[bi, r] = dot(row r of w, x[bi]) (+ bias[r]) for rows [r0, r1), whatever w's kind
+inline void gemv(const Mat& w, const float* bias, const float* x, float* out, int64_t ldo, int64_t b, int64_t k,
+                 int64_t r0, int64_t r1) {
+    switch (w.kind) {
+        case F32: gemv_rows(static_cast<const float*>(w.data), bias, x, out, ldo, b, k, r0, r1); break;
+        case BF16: gemv_rows(static_cast<const bf16*>(w.data), bias, x, out, ldo, b, k, r0, r1); break;
+        case I8: gemv_rows_q<false>(w, bias, x, out, ldo, b, k, r0, r1); break;
+        default: gemv_rows_q<true>(w, bias, x, out, ldo, b, k, r0, r1); break;
+    }
 }
 
 // this thread's share of a gemv of `rows` outputs
-inline void gemv_share(const void* w, bool w_bf16, const float* bias, const float* x, float* out, int64_t ldo,
-                       int64_t b, int64_t k, int64_t rows) {
+inline void gemv_share(const Mat& w, const float* bias, const float* x, float* out, int64_t ldo, int64_t b, int64_t k,
+                       int64_t rows) {
     int64_t r0, r1;
     split(rows, omp_get_thread_num(), omp_get_num_threads(), RB, r0, r1);
-    gemv(w, w_bf16, bias, x, out, ldo, b, k, r0, r1);
+    gemv(w, bias, x, out, ldo, b, k, r0, r1);
 }
 
 }  // namespace
@@ -222,14 +316,14 @@ inline void gemv_share(const void* w, bool w_bf16, const float* bias, const floa
 extern "C" {
 
 // out [b, o] (fp32 or bf16) = x [b, k] (fp32 or bf16) @ w[o, k]^T (+ bias fp32 [o])
-void hybridlm_linear_step(const void* x, int act_bf16, const void* w, int w_bf16, const float* bias, void* out,
+void hybridlm_linear_step(const void* x, int act_bf16, const Mat* w, const float* bias, void* out,
                           int64_t b, int64_t k, int64_t o, int threads) {
     std::vector<float> xf = load_act(x, b * k, act_bf16), of(b * o);
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
         split(o, omp_get_thread_num(), omp_get_num_threads(), RB, r0, r1);
-        gemv(w, w_bf16, bias, xf.data(), of.data(), o, b, k, r0, r1);
+        gemv(*w, bias, xf.data(), of.data(), o, b, k, r0, r1);
         store_cols(out, of.data(), b, o, r0, r1, act_bf16);
     }
 }
@@ -241,12 +335,12 @@ namespace {
 // Inside a parallel region: of [b, d] = down(silu(gate(x)) * up(x)) for x fp32 [b, d]; g and u are
 // [b, f] scratch. Each thread ends owning rows [r0, r1) of of's d columns (returned), with no barrier
 // after the last phase.
-void mlp_share(const float* xf, const void* wg, const void* wu, const void* wd, bool w16, float* g, float* u,
+void mlp_share(const float* xf, const Mat& wg, const Mat& wu, const Mat& wd, float* g, float* u,
                float* of, int64_t b, int64_t d, int64_t f, int64_t& r0, int64_t& r1) {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     split(f, t, nt, RB, r0, r1);
-    gemv(wg, w16, nullptr, xf, g, f, b, d, r0, r1);
-    gemv(wu, w16, nullptr, xf, u, f, b, d, r0, r1);
+    gemv(wg, nullptr, xf, g, f, b, d, r0, r1);
+    gemv(wu, nullptr, xf, u, f, b, d, r0, r1);
     for (int64_t bi = 0; bi < b; ++bi)
         for (int64_t r = r0; r < r1; ++r) {
             const float gv = g[bi * f + r];
@@ -254,7 +348,7 @@ void mlp_share(const float* xf, const void* wg, const void* wu, const void* wd, 
         }
 #pragma omp barrier
     split(d, t, nt, RB, r0, r1);
-    gemv(wd, w16, nullptr, g, of, d, b, f, r0, r1);
+    gemv(wd, nullptr, g, of, d, b, f, r0, r1);
 }
 
 }  // namespace
@@ -262,13 +356,13 @@ void mlp_share(const float* xf, const void* wg, const void* wu, const void* wd, 
 extern "C" {
 
 // out [b, d] = down(silu(gate(x)) * up(x)); x and out [b, d], weights gate/up [f, d], down [d, f]
-void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const void* wg, const void* wu, const void* wd,
-                       int w_bf16, int64_t b, int64_t d, int64_t f, int threads) {
+void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const Mat* wg, const Mat* wu, const Mat* wd,
+                       int64_t b, int64_t d, int64_t f, int threads) {
     std::vector<float> xf = load_act(x, b * d, act_bf16), g(b * f), u(b * f), of(b * d);
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
-        mlp_share(xf.data(), wg, wu, wd, w_bf16, g.data(), u.data(), of.data(), b, d, f, r0, r1);
+        mlp_share(xf.data(), *wg, *wu, *wd, g.data(), u.data(), of.data(), b, d, f, r0, r1);
         store_cols(out, of.data(), b, d, r0, r1, act_bf16);
     }
 }
@@ -277,13 +371,13 @@ void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const void* wg, c
 // fp32, the top-k experts of each row (ties: the lower expert id), their probabilities as weights
 // (renormalised to sum 1 when `renorm`), out [b, d] = sum of weight * expert MLP(x), added in expert-id
 // order. wg/wu/wd: arrays of e pointers to each expert's gate/up [f, d] and down [d, f].
-void hybridlm_moe_step(const void* x, void* out, int act_bf16, const void* router, const void* const* wg,
-                       const void* const* wu, const void* const* wd, int w_bf16, float* logits, int64_t b,
+void hybridlm_moe_step(const void* x, void* out, int act_bf16, const Mat* router, const Mat* const* wg,
+                       const Mat* const* wu, const Mat* const* wd, float* logits, int64_t b,
                        int64_t d, int64_t f, int64_t e, int64_t topk, int renorm, int threads) {
     std::vector<float> xf = load_act(x, b * d, act_bf16), g(f), u(f), of(d), acc(b * d, 0.0f), prob(e);
     std::vector<int64_t> chosen(b * topk);
     std::vector<float> weight(b * topk);
-    gemv(router, w_bf16, nullptr, xf.data(), logits, e, b, d, 0, e);
+    gemv(*router, nullptr, xf.data(), logits, e, b, d, 0, e);
     for (int64_t bi = 0; bi < b; ++bi) {
         const float* lg = logits + bi * e;
         const float mx = *std::max_element(lg, lg + e);
@@ -313,8 +407,8 @@ void hybridlm_moe_step(const void* x, void* out, int act_bf16, const void* route
         for (int64_t bi = 0; bi < b; ++bi)
             for (int64_t q = 0; q < topk; ++q) {
                 const int64_t ex = chosen[bi * topk + q];
-                mlp_share(xf.data() + bi * d, wg[ex], wu[ex], wd[ex], w_bf16, g.data(), u.data(), of.data(), 1, d,
-                          f, r0, r1);
+                mlp_share(xf.data() + bi * d, *wg[ex], *wu[ex], *wd[ex], g.data(), u.data(), of.data(), 1, d, f,
+                          r0, r1);
                 for (int64_t r = r0; r < r1; ++r) acc[bi * d + r] += weight[bi * topk + q] * of[r];
 #pragma omp barrier
             }
@@ -327,7 +421,7 @@ void hybridlm_moe_step(const void* x, void* out, int act_bf16, const void* route
 // conv_w [d_in, k]; A [d_in, n] = -exp(A_log); norms dt_ln [r], b_ln [n], c_ln [n]; biases may be null
 // except dt_bias.
 void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
-                         const void* w_in, const void* w_x, const void* w_dt, const void* w_out, int w_bf16,
+                         const Mat* w_in, const Mat* w_x, const Mat* w_dt, const Mat* w_out,
                          const float* in_bias, const float* out_bias, const float* conv_w, const float* conv_b,
                          const float* dt_ln, const float* b_ln, const float* c_ln, float eps,
                          const float* dt_bias, const float* A, const float* Dp,
@@ -335,14 +429,14 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
                          int64_t b, int64_t d, int64_t d_in, int64_t n, int64_t r, int64_t k, int threads) {
     const int64_t nx = r + 2 * n;
     std::vector<float> xf = load_act(x, b * d, act_bf16), xz(b * 2 * d_in), u(b * d_in), dbc(b * nx), y(b * d_in),
-        of(b * d);
-    const bool w16 = w_bf16, s16 = state_bf16;
+        of(b * d), dt(b * r), dtp(b * d_in);
+    const bool s16 = state_bf16;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t c0, c1;
         // xz = in_proj(x): u = xz[:, :d_in], z = xz[:, d_in:]
-        gemv_share(w_in, w16, in_bias, xf.data(), xz.data(), 2 * d_in, b, d, 2 * d_in);
+        gemv_share(*w_in, in_bias, xf.data(), xz.data(), 2 * d_in, b, d, 2 * d_in);
 #pragma omp barrier
         // causal conv step + SiLU; the window shifts left and takes the new input
         split(d_in, t, nt, W, c0, c1);
@@ -358,7 +452,7 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
             }
 #pragma omp barrier
         // dt, B, C = x_proj(u), then their RMSNorms
-        gemv_share(w_x, w16, nullptr, u.data(), dbc.data(), nx, b, d_in, nx);
+        gemv_share(*w_x, nullptr, u.data(), dbc.data(), nx, b, d_in, nx);
 #pragma omp barrier
 #pragma omp single
         for (int64_t bi = 0; bi < b; ++bi) {                  // in place, fp32 (elementwise.cpp)
@@ -366,19 +460,15 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
             hybridlm_rmsnorm(row, row, 0, dt_ln, 0, eps, 1, r, 1);
             hybridlm_rmsnorm(row + r, row + r, 0, b_ln, 0, eps, 1, n, 1);
             hybridlm_rmsnorm(row + r + n, row + r + n, 0, c_ln, 0, eps, 1, n, 1);
+            std::copy(row, row + r, dt.data() + bi * r);
         }
         // (implicit barrier) per channel: delta = softplus(dt_proj(dt) + bias), the scan step, D skip, gate
-        std::vector<bf16> dt_buf;
+        gemv(*w_dt, dt_bias, dt.data(), dtp.data(), d_in, b, r, c0, c1);
         for (int64_t bi = 0; bi < b; ++bi) {
-            const float* dt = dbc.data() + bi * nx;
-            const float* Bv = dt + r;
-            const float* Cv = dt + r + n;
-            const bf16* dth = w16 ? bf16_rows(dt, 1, r, dt_buf) : nullptr;
+            const float* Bv = dbc.data() + bi * nx + r;
+            const float* Cv = Bv + n;
             for (int64_t c = c0; c < c1; ++c) {
-                float s;
-                if (w16) row_dot_any<1>(static_cast<const bf16*>(w_dt) + c * r, dth, dt, r, &s);
-                else row_dot_any<1>(static_cast<const float*>(w_dt) + c * r, nullptr, dt, r, &s);
-                s += dt_bias[c];
+                const float s = dtp[bi * d_in + c];
                 const float delta = s > 20.0f ? s : std::log1p(std::exp(s));   // softplus, threshold 20
                 const float uc = u[bi * d_in + c];
                 float* h = ssm + (bi * d_in + c) * n;
@@ -397,7 +487,7 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
 #pragma omp barrier
         // out = out_proj(y)
         split(d, t, nt, RB, c0, c1);
-        gemv(w_out, w16, out_bias, y.data(), of.data(), d, b, d_in, c0, c1);
+        gemv(*w_out, out_bias, y.data(), of.data(), d, b, d_in, c0, c1);
         store_cols(out, of.data(), b, d, c0, c1, act_bf16);
     }
 }
@@ -577,9 +667,10 @@ void hybridlm_attn_step(const void* q, void* out, int act_bf16, const void* kc, 
 // without positional encoding (Jamba's layout): the per-layer calls above, chained here so Python
 // dispatches once per step instead of ~40 times. x [b, d] fp32: the embedded tokens in, the last
 // layer's output out (before the final norm). Each layer is described by REC int64 fields (pointers
-// as integers), filled by kernels/decode_cpu.py's DecodePlan; `pos` is the cache slot of this token.
+// as integers; weights as pointers to their Mat), filled by kernels/decode_cpu.py's DecodePlan; `pos`
+// is the cache slot of this token.
 enum Rec : int64_t {
-    R_MIXER, R_FFN, R_NORM1, R_NORM2, R_NORM_BF16, R_W_BF16,
+    R_MIXER, R_FFN, R_NORM1, R_NORM2, R_NORM_BF16,
     // Mamba (R_MIXER == 0)
     R_W_IN, R_W_X, R_W_DT, R_W_OUT, R_IN_B, R_OUT_B, R_CONV_W, R_CONV_B, R_DT_LN, R_B_LN, R_C_LN, R_DT_B, R_A, R_D,
     R_CONV, R_CONV_BF16, R_SSM, R_D_IN, R_N, R_R, R_K,
@@ -599,10 +690,11 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
     auto P = [](int64_t v) { return reinterpret_cast<void*>(v); };
     for (int64_t li = 0; li < layers; ++li) {
         const int64_t* r = recs + li * REC;
-        const int nb = static_cast<int>(r[R_NORM_BF16]), wb = static_cast<int>(r[R_W_BF16]);
+        const int nb = static_cast<int>(r[R_NORM_BF16]);
+        auto M = [&](Rec f) { return reinterpret_cast<const Mat*>(r[f]); };
         hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM1]), nb, eps, b, d, 1);
         if (r[R_MIXER] == 0) {
-            hybridlm_mamba_step(h.data(), o.data(), 0, P(r[R_W_IN]), P(r[R_W_X]), P(r[R_W_DT]), P(r[R_W_OUT]), wb,
+            hybridlm_mamba_step(h.data(), o.data(), 0, M(R_W_IN), M(R_W_X), M(R_W_DT), M(R_W_OUT),
                                 (const float*)P(r[R_IN_B]), (const float*)P(r[R_OUT_B]), (const float*)P(r[R_CONV_W]),
                                 (const float*)P(r[R_CONV_B]), (const float*)P(r[R_DT_LN]), (const float*)P(r[R_B_LN]),
                                 (const float*)P(r[R_C_LN]), eps, (const float*)P(r[R_DT_B]), (const float*)P(r[R_A]),
@@ -614,10 +706,9 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
             q.resize(b * nh * dh);
             kv.resize(b * nkv * dh);
             att.resize(b * nh * dh);
-            hybridlm_linear_step(h.data(), 0, P(r[R_WQ]), wb, nullptr, q.data(), b, d, nh * dh, threads);
+            hybridlm_linear_step(h.data(), 0, M(R_WQ), nullptr, q.data(), b, d, nh * dh, threads);
             for (int which = 0; which < 2; ++which) {   // K then V of this token into slot `pos`
-                hybridlm_linear_step(h.data(), 0, P(which ? r[R_WV] : r[R_WK]), wb, nullptr, kv.data(), b, d, nkv * dh,
-                                     threads);
+                hybridlm_linear_step(h.data(), 0, M(which ? R_WV : R_WK), nullptr, kv.data(), b, d, nkv * dh, threads);
                 void* cache = P(which ? r[R_VC] : r[R_KC]);
                 for (int64_t bi = 0; bi < b; ++bi)
                     for (int64_t hk = 0; hk < nkv; ++hk)
@@ -626,16 +717,16 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
             }
             hybridlm_attn_step(q.data(), att.data(), 0, P(r[R_KC]), P(r[R_VC]), c16, valid, valid_stride, b, nh, nkv, S,
                                pos + 1, dh, 1.0f / std::sqrt(static_cast<float>(dh)), threads);
-            hybridlm_linear_step(att.data(), 0, P(r[R_WO]), wb, nullptr, o.data(), b, nh * dh, d, threads);
+            hybridlm_linear_step(att.data(), 0, M(R_WO), nullptr, o.data(), b, nh * dh, d, threads);
         }
         for (int64_t i = 0; i < b * d; ++i) x[i] += o[i];
         hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM2]), nb, eps, b, d, 1);
         if (r[R_FFN] == 0) {
-            hybridlm_mlp_step(h.data(), o.data(), 0, P(r[R_F_A]), P(r[R_F_B]), P(r[R_F_C]), wb, b, d, r[R_FF], threads);
+            hybridlm_mlp_step(h.data(), o.data(), 0, M(R_F_A), M(R_F_B), M(R_F_C), b, d, r[R_FF], threads);
         } else {
             logits.resize(b * r[R_E]);
-            hybridlm_moe_step(h.data(), o.data(), 0, P(r[R_F_A]), (const void* const*)P(r[R_F_B]),
-                              (const void* const*)P(r[R_F_C]), (const void* const*)P(r[R_F_D]), wb, logits.data(), b, d,
+            hybridlm_moe_step(h.data(), o.data(), 0, M(R_F_A), (const Mat* const*)P(r[R_F_B]),
+                              (const Mat* const*)P(r[R_F_C]), (const Mat* const*)P(r[R_F_D]), logits.data(), b, d,
                               r[R_FF], r[R_E], r[R_TOPK], static_cast<int>(r[R_RENORM]), threads);
         }
         for (int64_t i = 0; i < b * d; ++i) x[i] += o[i];

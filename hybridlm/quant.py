@@ -1,0 +1,353 @@
+"""Weight-only quantization: int8 and int4 weights, applied after the model is built by swapping its
+linear layers for ``QuantLinear`` (gpt-fast's way: model.py knows nothing of it).
+
+Schemes (``QuantScheme``):
+    int8    symmetric, one scale per output channel (Jamba-1.5's ExpertsInt8 recipe; every expert is its
+            own set of layers, so per expert too), or per group of columns: value = q * s, q in [-127, 127]
+    int4    groups of 32 / 64 / 128 input columns (any multiple of 32), each with its own scale:
+            symmetric  value = (q - 8) * s, s = -m / 8 where m is the group's entry of largest magnitude, so
+                       that entry is exact (GGUF's Q4_0 rule), q in [0, 15]
+            asymmetric value = q * s + min, s = (max - min) / 15
+Scales (and mins) are stored in bf16 or fp32; q is computed against the stored (rounded) scale.
+Round to nearest; no calibration.
+
+What is quantized, as llama.cpp does: every linear layer (Mamba's in_proj, x_proj, dt_proj, out_proj;
+q/k/v/o; the MLP and expert projections; lm_head unless ``lm_head=False``). What stays as loaded: the
+MoE router, conv1d, A_log, D, every norm and bias, the embeddings; the SSM state stays fp32 (cache.py).
+
+Storage, per quantized layer with k input and o output features, ld = k rounded up to the group (the
+padding columns are zero weights; per channel: ld = k), as kernels/csrc/mat.h reads it:
+    weight        int8 [o, ld]  or  uint8 [o, ld / 2] (int4: each block of 32 columns in 16 bytes,
+                  byte j = column j in the low nibble, column j + 16 in the high nibble)
+    weight_scale  [o, ld / group]
+    weight_min    [o, ld / group]   (asymmetric int4 only)
+    bias          as loaded
+A saved checkpoint records the scheme in config.json under ``quantization_config``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+QUANT_METHOD = "hybridlm"
+_SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_ROW_CHUNK = 1 << 22   # weights quantized per torch pass: bounds the fp32 temporaries (~16 MB each)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A weight-only quantization scheme; ``QuantScheme.parse("int4:g64")`` reads the CLI spelling."""
+    bits: int                          # 8 or 4
+    group: int = 0                     # input columns per scale; 0: one scale per output channel (int8)
+    symmetric: bool = True
+    scale_dtype: str = "bfloat16"      # "bfloat16" or "float32"
+    lm_head: bool = True               # quantize the output projection too
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"unknown quantization bits {self.bits}; use int8 or int4")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale dtype {self.scale_dtype!r}: use 'bfloat16' or 'float32'")
+        if self.bits == 4 and (self.group <= 0 or self.group % 32):
+            raise ValueError(f"int4 needs a group size that is a positive multiple of 32 (32, 64, 128, ...), "
+                             f"got {self.group}")
+        if self.bits == 8 and (self.group < 0 or self.group % 32):
+            raise ValueError(f"int8 takes group 0 (one scale per output channel) or a multiple of 32, got {self.group}")
+        if self.bits == 8 and not self.symmetric:
+            raise ValueError("int8 is symmetric only; drop 'asym' or use int4")
+
+    @classmethod
+    def parse(cls, spec: "str | QuantScheme") -> "QuantScheme":
+        """'int8' (per channel, fp32 scales), 'int4' (group 64, symmetric, bf16 scales), and options joined
+        by ':' — 'g32' / 'g128' (group), 'asym', 'fp32' / 'bf16' (scale dtype), 'keep-lm-head'; e.g.
+        'int4:g128:asym', 'int8:g32'."""
+        if isinstance(spec, QuantScheme):
+            return spec
+        parts = [p.strip().lower() for p in str(spec).split(":")]
+        kinds = {"int8": dict(bits=8, group=0, scale_dtype="float32"), "int4": dict(bits=4, group=64)}
+        if parts[0] not in kinds:
+            raise ValueError(f"unknown quantization scheme {spec!r}; use int8 or int4, with options like "
+                             f"'int4:g128', 'int4:g32:asym', 'int8:g32', ':fp32', ':keep-lm-head'")
+        kw = dict(kinds[parts[0]])
+        for p in parts[1:]:
+            if p.startswith("g") and p[1:].isdigit():
+                kw["group"] = int(p[1:])
+            elif p in ("asym", "sym"):
+                kw["symmetric"] = p == "sym"
+            elif p in ("fp32", "bf16"):
+                kw["scale_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[p]
+            elif p == "keep-lm-head":
+                kw["lm_head"] = False
+            else:
+                raise ValueError(f"quantization scheme {spec!r}: unknown option {p!r}; options: gN (group size), "
+                                 f"asym, fp32, bf16, keep-lm-head")
+        return cls(**kw)
+
+    def __str__(self) -> str:
+        group = f"g{self.group}" if self.group else "per-channel"
+        sym = "sym" if self.symmetric else "asym"
+        return f"int{self.bits} {group} {sym}, {self.scale_dtype} scales" + ("" if self.lm_head else ", lm_head kept")
+
+    def to_config(self) -> dict:
+        """config.json's ``quantization_config``."""
+        return {"quant_method": QUANT_METHOD, **asdict(self)}
+
+    @classmethod
+    def from_config(cls, d: dict, source: str = "config.json") -> "QuantScheme":
+        method = d.get("quant_method")
+        if method != QUANT_METHOD:
+            raise ValueError(f"{source}: quantization_config has quant_method {method!r}; hybridlm reads its own "
+                             f"int8/int4 checkpoints ({QUANT_METHOD!r}). Load the original bf16/fp32 checkpoint and "
+                             f"quantize it with `hybridlm quantize` instead")
+        try:
+            return cls(**{k: d[k] for k in ("bits", "group", "symmetric", "scale_dtype", "lm_head") if k in d})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: invalid quantization_config {d}: {e}") from None
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with int8/int4 weights (layout in the module docstring): the forward is the
+    product with the dequantized weight, computed by the decode kernels straight from the packed weights
+    for a few rows, and by a GEMM on the weight dequantized once per call otherwise."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 device=None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        g = scheme.group or in_features
+        self.ld = math.ceil(in_features / g) * g
+        self.group = g
+        sdtype = _SCALE_DTYPES[scheme.scale_dtype]
+        cols = self.ld if scheme.bits == 8 else self.ld // 2
+        self.register_buffer("weight", torch.zeros(out_features, cols, device=device,
+                                                   dtype=torch.int8 if scheme.bits == 8 else torch.uint8))
+        self.register_buffer("weight_scale", torch.zeros(out_features, self.ld // g, device=device, dtype=sdtype))
+        self.register_buffer("weight_min", None if scheme.symmetric else
+                             torch.zeros(out_features, self.ld // g, device=device, dtype=sdtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=bias_dtype),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme,
+                device=linear.weight.device, bias_dtype=linear.weight.dtype)
+        q.quantize_(linear.weight)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+    @torch.no_grad()
+    def quantize_(self, w: torch.Tensor):
+        """Set the quantized weight from a float weight [out_features, in_features] (a view of a memory-mapped
+        checkpoint is fine: it is read in row chunks, so temporaries stay small)."""
+        o, k = self.out_features, self.in_features
+        if tuple(w.shape) != (o, k):
+            raise ValueError(f"quantize: weight of shape {list(w.shape)} does not fit a layer of {k} inputs and "
+                             f"{o} outputs")
+        device = w.device if w.device.type != "meta" else "cpu"
+        sdtype = _SCALE_DTYPES[self.scheme.scale_dtype]
+        data = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=device)
+        scale = torch.empty(self.weight_scale.shape, dtype=sdtype, device=device)
+        mins = None if self.scheme.symmetric else torch.empty_like(scale)
+        rows = max(1, _ROW_CHUNK // max(1, self.ld))
+        for r0 in range(0, o, rows):
+            q, s, m = quantize_rows(w[r0:r0 + rows].to(device=device, dtype=torch.float32), self.scheme, self.ld)
+            data[r0:r0 + rows], scale[r0:r0 + rows] = q, s
+            if mins is not None:
+                mins[r0:r0 + rows] = m
+        self.weight, self.weight_scale, self.weight_min = data, scale, mins
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out_features, in_features] in ``dtype`` (the C++ kernel on CPU, else the reference)."""
+        return kernels.dequantize(self, dtype)
+
+    def dequantize_ref(self) -> torch.Tensor:
+        """The reference twin of the dequantization kernel: plain torch ops, fp32 [out_features, in_features]."""
+        q = self.weight.float() if self.scheme.bits == 8 else unpack_int4(self.weight).float()
+        s = self.weight_scale.float().repeat_interleave(self.group, dim=1)
+        if self.weight_min is not None:
+            w = q * s + self.weight_min.float().repeat_interleave(self.group, dim=1)
+        else:
+            w = (q - 8) * s if self.scheme.bits == 4 else q * s
+        return w[:, :self.in_features]
+
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]; ``bias=False`` leaves the bias out (see kernels.Linear)."""
+        b = self.bias if bias else None
+        if kernels.decode_kernels(x, self):
+            return kernels.linear_step(x, self, b)
+        return F.linear(x, self.dequantize(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def quantize_rows(w: torch.Tensor, scheme: QuantScheme, ld: int):
+    """w fp32 [r, k] -> (packed weight [r, ld or ld/2], scale [r, groups], min [r, groups] or None) by the
+    module docstring's rules, padding to ld columns with zeros."""
+    r, k = w.shape
+    g = scheme.group or ld
+    sdtype = _SCALE_DTYPES[scheme.scale_dtype]
+    wg = F.pad(w, (0, ld - k)).view(r, ld // g, g)                      # [r, groups, g]
+    mins = None
+    if scheme.bits == 8:
+        s = (wg.abs().amax(-1) / 127).to(sdtype)
+        sf = s.float()
+        q = torch.round(wg / torch.where(sf == 0, 1.0, sf)[..., None]).clamp_(-127, 127)
+        return q.to(torch.int8).view(r, ld), s, None
+    if scheme.symmetric:
+        m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))[..., 0]     # signed entry of largest magnitude
+        s = (m / -8).to(sdtype)
+        sf = s.float()
+        q = torch.round(wg / torch.where(sf == 0, 1.0, sf)[..., None]).add_(8).clamp_(0, 15)
+    else:
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        mins = lo.to(sdtype)
+        s = ((hi - lo) / 15).to(sdtype)
+        sf = s.float()
+        q = torch.round((wg - mins.float()[..., None]) / torch.where(sf == 0, 1.0, sf)[..., None]).clamp_(0, 15)
+    return pack_int4(q.to(torch.uint8).view(r, ld)), s, mins
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [r, ld] with values 0..15 -> [r, ld / 2]: per block of 32 columns, byte j = column j (low
+    nibble) | column j + 16 (high nibble)."""
+    r, ld = q.shape
+    blocks = q.view(r, ld // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(r, ld // 2)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: [r, ld / 2] -> uint8 [r, ld]."""
+    r, half = p.shape
+    blocks = p.view(r, half // 16, 16)
+    return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(r, half * 2)
+
+
+def quantizable(name: str, module: nn.Module, scheme: QuantScheme) -> bool:
+    """Whether the layer ``name`` is quantized under ``scheme`` (see the module docstring)."""
+    if not isinstance(module, nn.Linear) or name.endswith("router"):
+        return False
+    return scheme.lm_head or name != "lm_head"
+
+
+def quantize_model(model: nn.Module, scheme: "QuantScheme | str", progress: bool = False) -> nn.Module:
+    """Swap every quantizable linear layer of ``model`` for a QuantLinear holding its weight quantized
+    (in place; the float weights are released layer by layer). Returns the model."""
+    scheme = QuantScheme.parse(scheme)
+    names = [n for n, m in model.named_modules() if quantizable(n, m, scheme)]
+    bar = _progress(len(names), "quantizing", progress)
+    for name in names:
+        linear = model.get_submodule(name)
+        model.set_submodule(name, QuantLinear.from_linear(linear, scheme))
+        bar.update(1)
+    bar.close()
+    if getattr(model, "config", None) is not None and scheme.lm_head and model.config.tie_word_embeddings:
+        model.config.tie_word_embeddings = False     # lm_head is now its own (quantized) copy of the embeddings
+    return model
+
+
+def quantize_structure(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """The same swap on a model built on the meta device: empty QuantLinear layers for a loader to fill."""
+    for name, m in list(model.named_modules()):
+        if quantizable(name, m, scheme):
+            model.set_submodule(name, QuantLinear(m.in_features, m.out_features, m.bias is not None, scheme,
+                                                  device="meta", bias_dtype=m.weight.dtype))
+    return model
+
+
+def scheme_of(model: nn.Module) -> QuantScheme | None:
+    """The scheme of a quantized model (None when it has no QuantLinear layers)."""
+    schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}
+    if len(schemes) > 1:
+        raise ValueError(f"the model mixes quantization schemes {sorted(map(str, schemes))}; one per model")
+    return next(iter(schemes), None)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    class _Null:
+        def update(self, n): pass
+        def close(self): pass
+    if not enabled:
+        return _Null()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="layer", leave=False)
+
+
+def quantize_cli(model: str, to: str = "int8", out: str = "", group: int = -1, asym: bool = False,
+                 scale_dtype: str = "", keep_lm_head: bool = False, overwrite: bool = False) -> int:
+    """Quantize a checkpoint's weights to int8 or int4 and save it; `from_pretrained` and every command
+    load the result straight into quantized layers.
+
+    Weights are read and quantized one tensor at a time, so memory holds the quantized model plus one
+    tensor, never the whole float model. The tokenizer and chat template files are copied along.
+
+    Args:
+        model: checkpoint directory (bf16 / fp32 / fp16 safetensors)
+        to: int8 (one scale per output channel) or int4 (groups), or a full spec such as int4:g128:asym
+        out: output directory (required; must be empty or absent unless --overwrite)
+        group: input columns per scale (int4: a multiple of 32, default 64; int8: 0 = per channel, default)
+        asym: int4 with a per-group minimum (q * s + min) instead of symmetric (q - 8) * s
+        scale_dtype: bfloat16 or float32 (default: float32 for per-channel int8, bfloat16 for groups)
+        keep_lm_head: leave the output projection in its loaded dtype
+        overwrite: replace what is in --out
+
+    Examples:
+        hybridlm quantize ./jamba-3b --to int4 --group 64 --out ./jamba-3b-int4
+        hybridlm quantize ./jamba-3b --to int8 --out ./jamba-3b-int8
+        hybridlm generate ./jamba-3b-int4 --prompt "Hello"
+    """
+    import dataclasses
+    import resource
+    import shutil
+    import time
+    from pathlib import Path
+
+    from .checkpoint import load_pretrained
+    from .cli import CLIError
+    from .summary import fmt_bytes
+    if not out:
+        raise CLIError("give --out DIR, the directory to write the quantized checkpoint to")
+    src, dst = Path(model), Path(out)
+    if not (src / "config.json").is_file():
+        raise CLIError(f"{model} is not a checkpoint directory (no config.json); quantize a saved checkpoint")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise CLIError(f"{out} is not empty; choose a new directory or pass --overwrite")
+    if dst.resolve() == src.resolve():
+        raise CLIError("--out must differ from the source checkpoint")
+    scheme = QuantScheme.parse(to)
+    changes = {}
+    if group >= 0:
+        changes["group"] = group
+    if asym:
+        changes["symmetric"] = False
+    if scale_dtype:
+        changes["scale_dtype"] = scale_dtype
+    if keep_lm_head:
+        changes["lm_head"] = False
+    try:
+        scheme = dataclasses.replace(scheme, **changes)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    t0 = time.perf_counter()
+    m = load_pretrained(src, quantize=scheme)
+    loaded = time.perf_counter() - t0
+    m.save_pretrained(dst, max_shard_bytes=2 << 30)
+    for f in src.iterdir():   # tokenizer, its config, chat template, generation config
+        if f.is_file() and f.name != "config.json" and not f.name.startswith("model") and f.suffix != ".bin":
+            shutil.copy2(f, dst / f.name)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))   # noqa: E731
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"quantized {model} -> {out}: {scheme}")
+    print(f"  weights {fmt_bytes(size(src))} -> {fmt_bytes(size(dst))}; load+quantize {loaded:.1f} s, "
+          f"total {time.perf_counter() - t0:.1f} s, peak RSS {fmt_bytes(rss)}")
+    return 0

@@ -1,0 +1,230 @@
+"""Weight-only int8 / int4 quantization (quant.py) and the kernels that read it (csrc/decode.cpp, quant.cpp).
+
+The reference twin of every fast path is ``QuantLinear.dequantize_ref`` (plain torch): the decode
+kernel's product must equal ``F.linear(x, dequantize_ref())`` up to fp32 summation order, and the C++
+dequantization must equal the reference exactly (up to one fused multiply-add rounding for asymmetric).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlm import HybridLM, preset
+from hybridlm.cli import main as cli_main
+from hybridlm.kernels import build, decode_cpu
+from hybridlm.quant import QuantLinear, QuantScheme, pack_int4, quantize_model, scheme_of, unpack_int4
+
+from .conftest import randomize_
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
+SCHEMES = ["int8", "int8:g32", "int4:g32", "int4:g64", "int4:g128:fp32", "int4:g64:asym", "int4:g32:asym:fp32"]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def layer(k, o, spec, seed=0, bias=False):
+    g = gen(seed)
+    lin = torch.nn.Linear(k, o, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(o, k, generator=g) * 0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(o, generator=g))
+    return lin, QuantLinear.from_linear(lin, QuantScheme.parse(spec))
+
+
+def tiny(layout="mMaM", seed=0, **kw):
+    cfg = preset("tiny", num_hidden_layers=len(layout), layout=layout, mamba_dt_rank=20, **kw)
+    model = HybridLM(cfg).init_weights(seed)
+    randomize_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+# ---- the format ---------------------------------------------------------------------------------------
+def test_pack_unpack_int4_roundtrip_and_nibble_order():
+    q = torch.randint(0, 16, (3, 64), generator=gen(), dtype=torch.uint8)
+    p = pack_int4(q)
+    assert p.shape == (3, 32) and torch.equal(unpack_int4(p), q)
+    # byte j of a 32-column block: column j in the low nibble, column j + 16 in the high one (mat.h)
+    assert int(p[0, 0]) == int(q[0, 0]) | int(q[0, 16]) << 4
+    assert int(p[1, 17]) == int(q[1, 33]) | int(q[1, 49]) << 4
+
+
+@pytest.mark.parametrize("spec", SCHEMES)
+def test_quantization_error_within_half_a_step(spec):
+    lin, q = layer(100, 24, spec)           # 100 inputs: padded up to the group
+    s = QuantScheme.parse(spec)
+    w, deq = lin.weight.float(), q.dequantize_ref()
+    assert deq.shape == w.shape
+    step = q.weight_scale.float().abs().repeat_interleave(q.group, 1)[:, :100]
+    err = (deq - w).abs()
+    if s.bits == 4 and s.symmetric:
+        # the group's largest magnitude maps to -8 exactly; the other side may clip by up to one step
+        assert (err <= step * 1.0 + 1e-6).all()
+        top = w.view(-1).abs().argmax()
+        assert err.view(-1)[top] < 1e-2 * w.abs().max()
+    else:
+        assert (err <= step * 0.5 + 1e-6).all()
+
+
+def test_int8_matches_per_channel_recipe():
+    lin, q = layer(64, 8, "int8")
+    s = lin.weight.abs().amax(1) / 127
+    assert torch.allclose(q.weight_scale[:, 0], s)
+    assert torch.equal(q.weight, torch.round(lin.weight / s[:, None]).to(torch.int8))
+
+
+# ---- kernels vs the reference twin -----------------------------------------------------------------------
+@pytest.mark.parametrize("spec", SCHEMES)
+@pytest.mark.parametrize("k", [32, 100, 160, 512])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+def test_linear_kernel_matches_reference(spec, k, rows):
+    lin, q = layer(k, 37, spec, seed=k + rows, bias=True)
+    x = torch.randn(rows, 1, k, generator=gen(rows))
+    ref = F.linear(x, q.dequantize_ref(), q.bias)
+    with torch.no_grad():
+        out = q(x)                                  # decode kernel for <= 4 rows, dequantize + GEMM above
+    assert out.shape == (rows, 1, 37)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert decode_cpu.applies(x, q) == (rows <= decode_cpu.MAX_ROWS)
+
+
+@pytest.mark.parametrize("spec", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_kernel_matches_reference(spec, dtype):
+    _, q = layer(200, 33, spec, seed=5)
+    ref = q.dequantize_ref()
+    out = q.dequantize(dtype)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 0 if QuantScheme.parse(spec).symmetric else 2e-7 * ref.abs().max()   # one fma rounding
+    assert (out.float() - ref.to(dtype).float()).abs().max() <= tol + (ref.abs().max() * 2 ** -8 if dtype ==
+                                                                      torch.bfloat16 and tol else 0)
+
+
+def test_kernels_report_the_quantized_path():
+    from hybridlm import kernels
+    r = kernels.report()["quantized weights"]
+    assert build.info["isa"] in r and "decode kernels" in r
+
+
+# ---- whole models -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["mMaM", "mmam"])
+@pytest.mark.parametrize("spec,bound", [("int8", 0.03), ("int4:g32", 0.2), ("int4:g64:asym", 0.2)])
+def test_quantized_logits_close_to_float(layout, spec, bound):
+    model = tiny(layout)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen())
+    ref = model(ids)
+    q = quantize_model(tiny(layout), spec)
+    assert all(isinstance(q.get_submodule(n), QuantLinear) for n in
+               ("lm_head", "model.layers.0.mamba.dt_proj", "model.layers.2.self_attn.q_proj"))
+    if layout == "mMaM":
+        assert isinstance(q.get_submodule("model.layers.1.feed_forward.experts.0.down_proj"), QuantLinear)
+        assert not isinstance(q.get_submodule("model.layers.1.feed_forward.router"), QuantLinear)
+    out = q(ids)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < bound
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g64", "int4:g32:asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_equals_full_forward(spec, dtype):
+    model = quantize_model(tiny("mMaM").to(dtype), spec)
+    ids = torch.randint(0, model.config.vocab_size, (2, 14), generator=gen(1))
+    full = model(ids).float()
+    cache = model.new_cache(2, 32)
+    steps = [model(ids[:, :10], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(10, 14)]
+    dec = torch.cat(steps, 1).float()
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * full.abs().max().item()
+    assert (dec - full).abs().max().item() <= tol
+    assert torch.equal(dec.argmax(-1)[:, -4:], full.argmax(-1)[:, -4:]) or dtype == torch.bfloat16
+
+
+def test_save_load_roundtrip_exact(tmp_path):
+    q = quantize_model(tiny("mMaM"), "int4:g64:asym")
+    q.save_pretrained(tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == 4 and cfg["quantization_config"]["quant_method"] == "hybridlm"
+    r = HybridLM.from_pretrained(tmp_path / "q")
+    assert scheme_of(r) == scheme_of(q)
+    sd1, sd2 = q.state_dict(), r.state_dict()
+    assert sd1.keys() == sd2.keys()
+    assert all(torch.equal(sd1[k], sd2[k]) and sd1[k].dtype == sd2[k].dtype for k in sd1)
+    ids = torch.randint(0, q.config.vocab_size, (1, 12), generator=gen())
+    assert torch.equal(q(ids), r(ids))
+
+
+def test_quantize_while_loading_equals_quantize_after(tmp_path):
+    model = tiny("mMaM").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "f")
+    streamed = HybridLM.from_pretrained(tmp_path / "f", quantize="int4:g32")
+    after = quantize_model(HybridLM.from_pretrained(tmp_path / "f"), "int4:g32")
+    sd1, sd2 = streamed.state_dict(), after.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def test_tied_embeddings(tmp_path, caplog):
+    model = tiny("mmam", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "tied")                     # no lm_head.weight stored
+    q = HybridLM.from_pretrained(tmp_path / "tied", quantize="int8")
+    ref = quantize_model(tiny("mmam", tie_word_embeddings=True), "int8")
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=gen())
+    assert torch.equal(q(ids), ref(ids))
+    # a tied config that still stores a different lm_head.weight: the stored tensor wins, said once
+    from hybridlm.safetensors_io import SafeTensorsFile, save_file
+    sf = SafeTensorsFile(tmp_path / "tied" / "model.safetensors")
+    tensors = {k: sf.get(k).clone() for k in sf.keys()}
+    head = torch.randn(model.config.vocab_size, model.config.hidden_size, generator=gen(9))
+    save_file({**tensors, "lm_head.weight": head}, tmp_path / "tied" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="hybridlm"):
+        m = HybridLM.from_pretrained(tmp_path / "tied")
+    assert torch.equal(m.lm_head.weight, head) and not m.config.tie_word_embeddings
+    assert sum("stores a different lm_head" in r.message for r in caplog.records) == 1
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec,msg", [("int3", "unknown quantization scheme"), ("int4:g48", "multiple of 32"),
+                                      ("int4:g0", "multiple of 32"), ("int8:asym", "symmetric only"),
+                                      ("int4:fast", "unknown option")])
+def test_bad_schemes(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        QuantScheme.parse(spec)
+
+
+def test_foreign_and_mismatched_quantized_checkpoints(tmp_path):
+    q = quantize_model(tiny("mmam"), "int4:g64")
+    q.save_pretrained(tmp_path / "q")
+    cfg_file = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    with pytest.raises(ValueError, match="gptq"):
+        HybridLM.from_pretrained(tmp_path / "q")
+    cfg_file.write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], "group": 32}}))
+    with pytest.raises(ValueError, match="another scheme or group size"):
+        HybridLM.from_pretrained(tmp_path / "q")
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="already quantized"):
+        HybridLM.from_pretrained(tmp_path / "q", quantize="int8")
+
+
+def test_quantize_cli_and_generate(tmp_path, capsys):
+    model = tiny("mMaM").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "f")
+    assert cli_main(["quantize", str(tmp_path / "f"), "--to", "int4", "--group", "32",
+                     "--out", str(tmp_path / "q")]) == 0
+    assert "int4 g32 sym" in capsys.readouterr().out
+    q = HybridLM.from_pretrained(tmp_path / "q")
+    assert scheme_of(q) == QuantScheme(4, 32)
+    assert cli_main(["quantize", str(tmp_path / "f"), "--out", str(tmp_path / "q")]) == 2     # not empty
+    assert "not empty" in capsys.readouterr().err
+    assert cli_main(["quantize", str(tmp_path / "f"), "--to", "int4", "--group", "40",
+                     "--out", str(tmp_path / "q2")]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert cli_main(["generate", "tiny", "--prompt", "1 2 3", "--max-new-tokens", "4", "--quantize", "int8"]) == 0
+    assert cli_main(["generate", "tiny", "--prompt", "1 2 3", "--quantize", "int5"]) == 2
+    assert "unknown quantization scheme" in capsys.readouterr().err
