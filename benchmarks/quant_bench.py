@@ -39,16 +39,17 @@ GGUF_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0", "int4 (K)": "Q4_K_
 def make_checkpoint(path: Path) -> Path:
     from hybridlm.config import preset
     from hybridlm.random_checkpoint import write_random_checkpoint
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    t0 = time.perf_counter()
-    write_random_checkpoint(PRESET, path, seed=0)
     cfg = preset(PRESET)
+    if not (path / "config.json").exists():
+        t0 = time.perf_counter()
+        write_random_checkpoint(PRESET, path, seed=0)
+        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if (path / "tokenizer.json").exists():
+        return path
     synthetic_tokenizer(cfg.vocab_size).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "model_max_length": cfg.max_position_embeddings}, indent=2) + "\n")
-    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
 
@@ -76,7 +77,7 @@ def gguf_files(ckpt: Path, paths: dict) -> dict[str, Path]:
             sys.exit(f"GGUF conversion failed:\n{r.stderr[-3000:]}")
         os.replace(str(base) + ".tmp", base)
     for name, t in GGUF_TYPES.items():
-        f = ckpt / f"model-{t}.gguf"
+        f = base if t == "BF16" else ckpt / f"model-{t}.gguf"
         if not f.exists():
             r = subprocess.run([str(paths["quantize"]), str(base), str(f) + ".tmp", t], capture_output=True, text=True)
             if r.returncode:

@@ -36,6 +36,18 @@ def copy_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> flo
     return 2 * nbytes / best
 
 
+def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes read per second by torch summing an ``nbytes`` tensor (a stream of reads, as decode is)."""
+    torch.set_num_threads(threads)
+    a = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
 def layers(fmt: str, total_bytes: int) -> list:
     """Distinct weights of the SHAPES, cycling, until they hold ``total_bytes`` (well past the caches)."""
     g = torch.Generator().manual_seed(0)
@@ -76,9 +88,9 @@ def main():
     env = environment()
     print(f"CPU {env['cpu']} ({' '.join(env['cpu_flags'])}); kernels built for {build.info['isa']}; "
           f"{args.threads} threads")
-    bw = copy_bandwidth(args.threads) / 1e9
-    print(f"copy bandwidth (read + write): {bw:.1f} GB/s")
-    print(f"{'format':10s} {'weights':>10s} {'ms/pass':>9s} {'GB/s':>7s} {'of copy bw':>11s}")
+    bw = read_bandwidth(args.threads) / 1e9
+    print(f"copy bandwidth (read + write): {copy_bandwidth(args.threads) / 1e9:.1f} GB/s; read bandwidth: {bw:.1f} GB/s")
+    print(f"{'format':10s} {'weights':>10s} {'ms/pass':>9s} {'GB/s':>7s} {'of read bw':>11s}")
     for fmt in FORMATS:
         r = measure(fmt, args.threads, args.repeats)
         print(f"{fmt:10s} {r['bytes'] / 2**20:8.0f} MiB {r['seconds'] * 1e3:9.1f} {r['gb_s']:7.1f} "

@@ -15,8 +15,8 @@ What is quantized, as llama.cpp does: every linear layer (Mamba's in_proj, x_pro
 q/k/v/o; the MLP and expert projections; lm_head unless ``lm_head=False``). What stays as loaded: the
 MoE router, conv1d, A_log, D, every norm and bias, the embeddings; the SSM state stays fp32 (cache.py).
 
-Storage, per quantized layer with k input and o output features, ld = k rounded up to the group (the
-padding columns are zero weights; per channel: ld = k), as kernels/csrc/mat.h reads it:
+Storage, per quantized layer with k input and o output features, ld = k rounded up to the group (per
+channel: to a multiple of 32; the padding columns are zero weights), as kernels/csrc/mat.h reads it:
     weight        int8 [o, ld]  or  uint8 [o, ld / 2] (int4: each block of 32 columns in 16 bytes,
                   byte j = column j in the low nibble, column j + 16 in the high nibble)
     weight_scale  [o, ld / group]
@@ -120,16 +120,15 @@ class QuantLinear(nn.Module):
                  device=None, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        g = scheme.group or in_features
-        self.ld = math.ceil(in_features / g) * g
-        self.group = g
+        self.ld = math.ceil(in_features / (scheme.group or 32)) * (scheme.group or 32)
+        self.group = scheme.group or self.ld           # per channel: one group, the whole (padded) row
         sdtype = _SCALE_DTYPES[scheme.scale_dtype]
         cols = self.ld if scheme.bits == 8 else self.ld // 2
         self.register_buffer("weight", torch.zeros(out_features, cols, device=device,
                                                    dtype=torch.int8 if scheme.bits == 8 else torch.uint8))
-        self.register_buffer("weight_scale", torch.zeros(out_features, self.ld // g, device=device, dtype=sdtype))
+        self.register_buffer("weight_scale", torch.zeros(out_features, self.ld // self.group, device=device, dtype=sdtype))
         self.register_buffer("weight_min", None if scheme.symmetric else
-                             torch.zeros(out_features, self.ld // g, device=device, dtype=sdtype))
+                             torch.zeros(out_features, self.ld // self.group, device=device, dtype=sdtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=bias_dtype),
                                  requires_grad=False) if bias else None
 
@@ -170,6 +169,26 @@ class QuantLinear(nn.Module):
         """The weight [out_features, in_features] in ``dtype`` (the C++ kernel on CPU, else the reference)."""
         return kernels.dequantize(self, dtype)
 
+    def product_ref(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference twin of the decode kernel's product (csrc/decode.cpp, gemv_q), as integers: x
+        [..., k] quantized as ``quantize_activations`` does, exact integer dots per block of 32 columns, then
+        the scales; returns [..., out_features] fp32, without the bias."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        xb = F.pad(x.float().reshape(-1, k), (0, self.ld - k)).view(-1, self.ld // 32, 32)      # [n, blocks, 32]
+        xq, d = _quantize_blocks(xb)
+        if self.scheme.bits == 8:
+            q = self.weight.float()
+        else:
+            q = unpack_int4(self.weight).float() - (0 if self.weight_min is not None else 8)
+        qb = q.view(self.out_features, self.ld // 32, 32)                                        # [o, blocks, 32]
+        dots = torch.einsum("nbc,obc->nob", xq.double(), qb.double()).float()                    # exact integers
+        sw = self.weight_scale.float().repeat_interleave(self.group // 32, dim=1)               # [o, blocks]
+        y = (dots * (d[:, None, :] * sw[None])).sum(-1)
+        if self.weight_min is not None:
+            mins = self.weight_min.float().repeat_interleave(self.group // 32, dim=1)
+            y = y + ((xq.sum(-1) * d)[:, None, :] * mins[None]).sum(-1)
+        return y.view(*lead, self.out_features)
+
     def dequantize_ref(self) -> torch.Tensor:
         """The reference twin of the dequantization kernel: plain torch ops, fp32 [out_features, in_features]."""
         q = self.weight.float() if self.scheme.bits == 8 else unpack_int4(self.weight).float()
@@ -181,11 +200,18 @@ class QuantLinear(nn.Module):
         return w[:, :self.in_features]
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features]; ``bias=False`` leaves the bias out (see kernels.Linear)."""
+        """x [..., in_features] -> [..., out_features]; ``bias=False`` leaves the bias out (see kernels.Linear).
+
+        The activations are quantized to int8 per block of 32 columns (``quantize_activations``, as llama.cpp
+        does) and multiplied by the quantized weights: by the decode kernel's integer dot products for a few
+        rows, by a GEMM on the dequantized weight (in kernels.gemm_dtype) otherwise. Both compute the same
+        product (``product_ref``), so decode and prefill agree."""
         b = self.bias if bias else None
         if kernels.decode_kernels(x, self):
             return kernels.linear_step(x, self, b)
-        return F.linear(x, self.dequantize(x.dtype), None if b is None else b.to(x.dtype))
+        dtype = kernels.gemm_dtype(x)
+        y = F.linear(quantize_activations(x).to(dtype), self.dequantize(dtype), None if b is None else b.to(dtype))
+        return y.to(x.dtype)
 
 
 def quantize_rows(w: torch.Tensor, scheme: QuantScheme, ld: int):
@@ -213,6 +239,22 @@ def quantize_rows(w: torch.Tensor, scheme: QuantScheme, ld: int):
         sf = s.float()
         q = torch.round((wg - mins.float()[..., None]) / torch.where(sf == 0, 1.0, sf)[..., None]).clamp_(0, 15)
     return pack_int4(q.to(torch.uint8).view(r, ld)), s, mins
+
+
+def _quantize_blocks(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xb fp32 [..., 32] -> (integers [..., 32] in -127..127 as fp32, scale [...] = max|x| / 127): q =
+    round(x * (1 / scale)), as csrc/decode.cpp's quantize_x computes it."""
+    d = xb.abs().amax(-1) / 127
+    return torch.round(xb * torch.where(d == 0, 0.0, 1.0 / d)[..., None]), d
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., k] as quantized layers see it: each row quantized to int8 per block of 32 columns with the
+    scale max|x| / 127, returned dequantized in fp32 (the last block may be partial)."""
+    k = x.shape[-1]
+    xb = F.pad(x.float(), (0, -k % 32)).unflatten(-1, (-1, 32))                             # [..., blocks, 32]
+    q, d = _quantize_blocks(xb)
+    return (q * d[..., None]).flatten(-2)[..., :k]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,8 @@ def report() -> dict:
         return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
                 "causal_conv1d": f"ref: concat + torch conv1d ({why})", "silu_mul, rmsnorm": f"torch ops ({why})",
                 "attention (prefill)": f"torch SDPA ({why})",
-                "decode": f"torch ops ({why})", "quantized weights": f"torch dequantization + GEMM ({why})"}
+                "decode": f"torch ops ({why})", "quantized weights": f"torch dequantization + GEMM ({why})",
+                "bf16 GEMMs (prefill)": f"torch bf16 ({why})"}
     if _cpu_kernels():
         from . import build
         took = build.info["build_seconds"]
@@ -106,9 +107,13 @@ def report() -> dict:
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
                       f"{'one C++ call per step through all layers when attention has no RoPE/window, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
-            "quantized weights": (f"int8/int4 read directly by the decode kernels ({build.info['isa']} vectors), "
+            "quantized weights": (f"int8/int4 times int8 activations in the decode kernels "
+                                  f"({'AVX2 integer dot products' if 'AVX' in build.info['isa'] else 'portable C++'}), "
                                   "dequantized by a C++ pass for prefill GEMMs" if _cpu_error is None else
                                   "torch dequantization + GEMM (C++ kernels unavailable)"),
+            "bf16 GEMMs (prefill)": ("torch bf16" if _FAST_BF16 else
+                                     "upcast to fp32 (this CPU has no AVX512-BF16/AMX: torch's bf16 GEMM is ~5x "
+                                     "slower than fp32 here)"),
             "cpu_kernels": library}
 
 
@@ -187,10 +192,34 @@ def decode_plan(model, cache, input_ids, mask):
         return None
 
 
+def _fast_bf16() -> bool:
+    """Whether torch's bf16 GEMM runs at full speed here: x86 CPUs with AVX512-BF16 or AMX, or not x86.
+    Without them (AVX2-only CPUs such as AMD Zen 2/3) it emulates bf16 at ~1/5 of the fp32 rate (10 vs 46
+    GFLOP/s measured on a 2-core Zen 3 for a 512 x 2560 x 10240 product, the upcast included)."""
+    from .build import _cpu_id
+    flags = _cpu_id().split()
+    return "avx2" not in flags or "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_FAST_BF16 = _fast_bf16()
+
+
+def gemm_dtype(x) -> torch.dtype:
+    """The dtype inference GEMMs on ``x`` run in: x's, except bf16 on a CPU without fast bf16 GEMMs (fp32)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _FAST_BF16 and _backend == "auto":
+        return torch.float32
+    return x.dtype
+
+
 def linear(x, weight, bias=None):
-    """F.linear, computed by the decode kernel when ``decode_kernels`` says it takes the call."""
+    """F.linear, computed by the decode kernel when ``decode_kernels`` says it takes the call; without
+    gradients, bf16 on a CPU without fast bf16 GEMMs multiplies in fp32 (``gemm_dtype``: the products of
+    bf16 values are exact in fp32, so only the summation order differs from torch's bf16 GEMM)."""
     if decode_kernels(x, weight):
         return linear_step(x, weight, bias)
+    dtype = gemm_dtype(x)
+    if dtype != x.dtype and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(x.dtype)
     return F.linear(x, weight, bias)
 
 

@@ -46,7 +46,7 @@ def _weight(w):
 def tensors_of(w) -> tuple:
     """The tensors a weight's Mat points into."""
     w = _weight(w)
-    return (w.weight, w.weight_scale, w.weight_min) if _is_quant(w) else (w,)
+    return tuple(t for t in (w.weight, w.weight_scale, w.weight_min) if t is not None) if _is_quant(w) else (w,)
 
 
 def mat(w) -> Mat:

@@ -18,6 +18,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "simd.h"
 
 namespace hybridlm {
@@ -55,5 +59,30 @@ inline void cvt_u4(const uint8_t* p, vf& lo, vf& hi) {
     lo = __builtin_convertvector(v & 15, vf);
     hi = __builtin_convertvector(v >> 4, vf);
 }
+
+#ifdef __AVX2__
+// The same conversions in AVX2 registers, 32 columns as four vectors of 8 (GCC splits the 16-lane vector
+// types above into stack round trips here, ~8x slower; AVX-512 CPUs take this path too).
+inline void q32_avx2(const int8_t* p, __m256 w[4]) {
+    for (int i = 0; i < 4; ++i)
+        w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i))));
+}
+
+inline void q32_avx2(const uint8_t* p, __m256 w[4]) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 }  // namespace hybridlm

@@ -4,6 +4,7 @@
 // (q - 8) * scale, or q * scale + min.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include <omp.h>
 
@@ -25,6 +26,21 @@ void dequantize_rows(const Mat& m, T* out, int64_t o, int64_t k, int threads) {
             const float sc = scale_at(m.scale, r * ng + G, s16);
             const float mn = m.min ? scale_at(m.min, r * ng + G, s16) : 0.0f;
             const int64_t c1 = std::min(k, (G + 1) * g);
+#ifdef __AVX2__
+            if constexpr (std::is_same_v<T, float>) {      // whole 32-column blocks in AVX2 registers
+                const __m256 scv = _mm256_set1_ps(sc), mnv = _mm256_set1_ps(m.min ? mn : -8.0f * sc);
+                int64_t c = G * g;
+                for (; c + 32 <= c1; c += 32) {
+                    __m256 w[4];
+                    if (m.kind == I4) q32_avx2(static_cast<const uint8_t*>(m.data) + (r * ld + c) / 2, w);
+                    else q32_avx2(static_cast<const int8_t*>(m.data) + r * ld + c, w);
+                    for (int i = 0; i < 4; ++i)   // q s + min, q s - 8 s (= (q - 8) s exactly), q s
+                        _mm256_storeu_ps(orow + c + 8 * i, m.kind == I4 ? _mm256_fmadd_ps(w[i], scv, mnv)
+                                                                        : _mm256_mul_ps(w[i], scv));
+                }
+                if (c == c1) continue;
+            }
+#endif
             if (m.kind == I4) {
                 const uint8_t* wr = static_cast<const uint8_t*>(m.data) + r * ld / 2;
                 for (int64_t c = G * g; c < c1; c += 2 * W) {
