@@ -201,7 +201,7 @@ def write_report(res: dict, out: Path):
               "|---|---:|---:|---:|---:|"]
     for t in res["types"]:
         h = res["hybridlm"].get(t, {})
-        if "load_seconds" in h:
+        if "load_seconds" in h and t in res["plan"]:
             lines.append(f"| {t} | {h['load_seconds']:.1f} | {fmt_bytes(h['rss_after_load'])} | "
                          f"{fmt_bytes(h['peak_rss'])} | {fmt_bytes(res['plan'][t])} "
                          f"({res['plan'][t] / h['peak_rss']:.0%} of peak) |")
@@ -213,7 +213,6 @@ def write_report(res: dict, out: Path):
               "Prompt-processing GFLOP/s count 2 x parameters per token (the Mamba scan and attention add "
               "a few percent more)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
 
 
 def main():
@@ -277,6 +276,7 @@ def main():
             res["hybridlm"]["int4 (K)"] = res["hybridlm"]["int4"]
     res["wall_seconds"] = time.perf_counter() - t0
     res["preset"] = preset(PRESET).to_dict()
+    a.out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")   # first: a report bug loses nothing
     write_report(res, a.out)
     print(a.out.with_suffix(".md").read_text())
 

@@ -441,3 +441,21 @@ def test_tiny_model_same_with_ref_and_auto(backend):
         pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:9], cache=cache)]
         pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(9, 13)]
     assert rel(torch.cat(pieces, 1), logits_ref) < 1e-5
+
+
+def test_bf16_gemm_upcast_where_the_cpu_lacks_bf16(monkeypatch):
+    """On CPUs without AVX512-BF16/AMX, inference GEMMs on bf16 multiply in fp32 (exact products): the result is
+    the fp32 product rounded once, within bf16 rounding of torch's own bf16 GEMM."""
+    from hybridlm import kernels
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g).bfloat16()
+    monkeypatch.setattr(kernels, "_FAST_BF16", False)
+    assert kernels.gemm_dtype(x) == torch.float32 and kernels.gemm_dtype(x.float()) == torch.float32
+    out = kernels.linear(x, w)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.nn.functional.linear(x.float(), w.float()).bfloat16())
+    ref = torch.nn.functional.linear(x, w)
+    assert (out.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2 ** -7
+    monkeypatch.setattr(kernels, "_FAST_BF16", True)
+    assert kernels.gemm_dtype(x) == torch.bfloat16
+    assert "bf16 GEMMs (prefill)" in kernels.report()

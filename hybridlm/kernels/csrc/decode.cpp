@@ -165,9 +165,38 @@ inline const bf16* bf16_rows(const float* x, int64_t nb, int64_t k, std::vector<
     return buf.data();
 }
 #else
+#ifdef __AVX2__
+// bf16 weights without AVX512-BF16: 8 bf16 widened to fp32 by a zero-extend and a shift, in AVX2 registers
+// (the 16-lane vector types above compile to stack round trips on AVX2, ~2x slower from memory)
+template <int NB>
+inline void row_dot_bf16_avx2(const bf16* wr, const float* x, int64_t k, float* s) {
+    constexpr int CH = NB >= 4 ? 1 : 4 / NB;
+    __m256 acc[NB][CH];
+    for (int j = 0; j < NB; ++j)
+        for (int q = 0; q < CH; ++q) acc[j][q] = _mm256_setzero_ps();
+    const int64_t kv = k / (8 * CH) * (8 * CH);
+    for (int64_t c = 0; c < kv; c += 8 * CH)
+        for (int q = 0; q < CH; ++q) {
+            const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + c + 8 * q))), 16));
+            for (int j = 0; j < NB; ++j) acc[j][q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * k + c + 8 * q), acc[j][q]);
+        }
+    for (int j = 0; j < NB; ++j) {
+        __m256 t = acc[j][0];
+        for (int q = 1; q < CH; ++q) t = _mm256_add_ps(t, acc[j][q]);
+        s[j] = hsum_avx2(t);
+        for (int64_t i = kv; i < k; ++i) s[j] += bf2f(wr[i]) * x[j * k + i];
+    }
+}
+#endif
+
 template <int NB>
 inline void row_dot_any(const bf16* wr, const bf16*, const float* x, int64_t k, float* s) {
+#ifdef __AVX2__
+    row_dot_bf16_avx2<NB>(wr, x, k, s);
+#else
     row_dot<bf16, NB>(wr, x, k, s);
+#endif
 }
 
 // without AVX512-BF16 the dots widen the weights and read x in fp32: nothing to prepare
@@ -212,6 +241,7 @@ void gemv_rows(const T* w, const float* bias, const float* x, float* out, int64_
 // quant.py's qlinear_ref is the reference twin (same rounding, same integers).
 struct QX {            // x [b, ld] quantized per 32-column block
     std::vector<int8_t> q;
+    std::vector<int8_t> pair;    // q with each pair of blocks A, B as [A 0-15, B 0-15, A 16-31, B 16-31] (int4)
     std::vector<float> d, sum;   // [b, ld / 32]: the block's scale, and dx * its sum of xq (asymmetric weights)
 };
 
@@ -233,6 +263,17 @@ inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, QX& out
             }
             out.d[j * nb + blk] = d;
             out.sum[j * nb + blk] = d * static_cast<float>(sum);
+        }
+    // int4 weights of two blocks are one 32-byte load whose low nibbles are columns 0-15 of both blocks and
+    // high nibbles columns 16-31 of both; x laid out to match takes the unpacking down to one AND and a shift
+    out.pair.resize(b * ld);
+    for (int64_t j = 0; j < b; ++j)
+        for (int64_t p = 0; p + 1 < nb; p += 2) {
+            const int8_t* src = out.q.data() + j * ld + p * 32;
+            int8_t* dst = out.pair.data() + j * ld + p * 32;
+            for (int h = 0; h < 2; ++h)
+                for (int blk = 0; blk < 2; ++blk) std::copy(src + blk * 32 + h * 16, src + blk * 32 + h * 16 + 16,
+                                                           dst + h * 32 + blk * 16);
         }
 }
 
@@ -282,42 +323,69 @@ inline float scale_of(const bf16* p, int64_t i) { return bf2f(p[i]); }
 // blocks (a nested group loop ran 1 block per trip for groups of 32 and cost ~2x); group of block blk:
 // blk >> shift (groups of 32 * 2^shift columns; per channel: one group, shift past any block index).
 // Even and odd blocks add into separate sums: one chain would wait on the FMA's latency (~5 cycles) per
-// block, which measured 1.5x slower at one row.
+// block.
 template <int NB, int KIND, bool ASYM, typename S>
-inline void row_dot_q(const Mat& m, int64_t r, const int8_t* xq, const float* xd, const float* xs, int shift,
-                      float* s) {
+inline void row_dot_q(const Mat& m, int64_t r, const int8_t* xq, const int8_t* xpair, const float* xd, const float* xs,
+                      int shift, float* s) {
     const int64_t ld = m.ld, nb = ld / 32, ng = ld / m.group;
     const S* sc = static_cast<const S*>(m.scale) + r * ng;
     const S* mn = ASYM ? static_cast<const S*>(m.min) + r * ng : nullptr;
     float off[NB] = {};
 #ifdef __AVX2__
-    __m256 tot[2][NB];
-    for (int j = 0; j < NB; ++j) tot[0][j] = tot[1][j] = _mm256_setzero_ps();
-#else
-    float tot[2][NB] = {};
-#endif
-    for (int64_t blk = 0; blk < nb; ++blk) {
-        const int p = blk & 1;
+    __m256 tot0[NB], tot1[NB];
+    for (int j = 0; j < NB; ++j) tot0[j] = tot1[j] = _mm256_setzero_ps();
+    // one block into the sums `tot` (named per parity: an array indexed at run time lives on the stack)
+    auto step = [&](int64_t blk, __m256* tot) {
         const float sw = scale_of(sc, blk >> shift);
-#ifdef __AVX2__
         const __m256i w = block_w<KIND, ASYM>(m, r, blk);
-#endif
         for (int j = 0; j < NB; ++j) {
-            const float d = xd[j * nb + blk] * sw;
-#ifdef __AVX2__
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * ld + blk * 32));
-            tot[p][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32<ASYM>(w, xv)), _mm256_set1_ps(d), tot[p][j]);
+            tot[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32<ASYM>(w, xv)), _mm256_set1_ps(xd[j * nb + blk] * sw),
+                                     tot[j]);
+            if (ASYM) off[j] += scale_of(mn, blk >> shift) * xs[j * nb + blk];
+        }
+    };
+    int64_t blk = 0;
+    if constexpr (KIND == I4) {
+        // two blocks per step (QX::pair): lanes 0-3 of the sums are block A's, lanes 4-7 block B's
+        const __m256i low = _mm256_set1_epi8(15);
+        for (; blk + 1 < nb; blk += 2) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(m.data) +
+                                                                                   (r * ld + blk * 32) / 2));
+            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            if (!ASYM) {
+                lo = _mm256_sub_epi8(lo, _mm256_set1_epi8(8));
+                hi = _mm256_sub_epi8(hi, _mm256_set1_epi8(8));
+            }
+            const float swa = scale_of(sc, blk >> shift), swb = scale_of(sc, (blk + 1) >> shift);
+            for (int j = 0; j < NB; ++j) {
+                const int8_t* xp = xpair + j * ld + blk * 32;
+                const __m256i i32 = _mm256_add_epi32(
+                    dot32<ASYM>(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
+                    dot32<ASYM>(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
+                const __m256 d = _mm256_set_m128(_mm_set1_ps(xd[j * nb + blk + 1] * swb), _mm_set1_ps(xd[j * nb + blk] * swa));
+                tot0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), d, tot0[j]);
+                if (ASYM) off[j] += scale_of(mn, blk >> shift) * xs[j * nb + blk] +
+                                    scale_of(mn, (blk + 1) >> shift) * xs[j * nb + blk + 1];
+            }
+        }
+    }
+    for (; blk + 1 < nb; blk += 2) {
+        step(blk, tot0);
+        step(blk + 1, tot1);
+    }
+    if (blk < nb) step(blk, tot0);
+    for (int j = 0; j < NB; ++j) s[j] = hsum_avx2(_mm256_add_ps(tot0[j], tot1[j])) + off[j];
 #else
-            tot[p][j] += d * static_cast<float>(block_dot<KIND, ASYM>(m, r, blk, xq + j * ld + blk * 32));
-#endif
+    for (int j = 0; j < NB; ++j) s[j] = 0.0f;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        const float sw = scale_of(sc, blk >> shift);
+        for (int j = 0; j < NB; ++j) {
+            s[j] += xd[j * nb + blk] * sw * static_cast<float>(block_dot<KIND, ASYM>(m, r, blk, xq + j * ld + blk * 32));
             if (ASYM) off[j] += scale_of(mn, blk >> shift) * xs[j * nb + blk];
         }
     }
-    for (int j = 0; j < NB; ++j)
-#ifdef __AVX2__
-        s[j] = hsum_avx2(_mm256_add_ps(tot[0][j], tot[1][j])) + off[j];
-#else
-        s[j] = tot[0][j] + tot[1][j] + off[j];
+    for (int j = 0; j < NB; ++j) s[j] += off[j];
 #endif
 }
 
@@ -332,13 +400,13 @@ void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* out, int6
     for (int64_t r = r0; r < r1; ++r)
         for (int64_t b0 = 0; b0 < b; b0 += BB) {
             const int64_t n = std::min<int64_t>(BB, b - b0);
-            const int8_t* xq = qx.q.data() + b0 * m.ld;
+            const int8_t *xq = qx.q.data() + b0 * m.ld, *xp = qx.pair.data() + b0 * m.ld;
             const float *xd = qx.d.data() + b0 * nb, *xs = qx.sum.data() + b0 * nb;
             switch (n) {
-                case 1: row_dot_q<1, KIND, ASYM, S>(m, r, xq, xd, xs, shift, s); break;
-                case 2: row_dot_q<2, KIND, ASYM, S>(m, r, xq, xd, xs, shift, s); break;
-                case 3: row_dot_q<3, KIND, ASYM, S>(m, r, xq, xd, xs, shift, s); break;
-                default: row_dot_q<4, KIND, ASYM, S>(m, r, xq, xd, xs, shift, s); break;
+                case 1: row_dot_q<1, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
+                case 2: row_dot_q<2, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
+                case 3: row_dot_q<3, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
+                default: row_dot_q<4, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
             }
             for (int64_t j = 0; j < n; ++j) out[(b0 + j) * ldo + r] = s[j] + (bias ? bias[r] : 0.0f);
         }
