@@ -4,7 +4,8 @@ For each format (bf16, int8 per channel, int4 groups of 32/64/128) the product o
 Jamba-3B shapes' largest matrices (in_proj 10240 x 2560, the MLP's 8192 x 2560, out_proj 2560 x 5120),
 through the same C++ call the decode step makes, many distinct matrices in turn so nothing is served
 from cache. Prints effective GB/s (bytes of weights and scales read per second) next to the machine's
-measured copy bandwidth (a large tensor copy: read + write bytes per second), and the fraction of it.
+measured read bandwidth (a large tensor summed: bytes read per second, the decode bound) and the fraction
+of it, and the copy bandwidth (read + write bytes per second).
 
     python benchmarks/quant_gemv.py [--threads 2] [--repeats 5]
 """

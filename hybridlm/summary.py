@@ -117,16 +117,19 @@ def max_context(cfg: HybridConfig, budget: int, batch: int = 1, **kw) -> int:
     return lo
 
 
-def inspect_cmd(model: str, dtype: str = "auto") -> int:
-    """Show a model's layer layout, total and active parameters, and weight bytes per dtype.
+def inspect_cmd(model: str, dtype: str = "auto", quantize: str = "") -> int:
+    """Show a model's layer layout, total and active parameters, and weight bytes per dtype (and quantized).
 
     Args:
-        model: checkpoint directory or preset name (tiny, bench-88m, jamba-v0.1)
+        model: checkpoint directory or preset name (tiny, bench-88m, jamba-v0.1, jamba-reasoning-3b, ...)
         dtype: accepted for symmetry with other commands; counts are shown for every dtype
+        quantize: also show the weight bytes under this scheme (int8, int4, int4:g32, ...); a quantized
+            checkpoint shows its own
 
     Examples:
         hybridlm inspect bench-88m
         hybridlm inspect ./my-jamba-checkpoint
+        hybridlm inspect jamba-reasoning-3b --quantize int4
     """
     from .checkpoint import load_model
     cfg = load_model(model, device="meta").config
@@ -138,6 +141,15 @@ def inspect_cmd(model: str, dtype: str = "auto") -> int:
     print(layout_diagram(cfg))
     print(f"parameters: total {counts['total']:,}   active per token {counts['active']:,}")
     print("weight bytes: " + "   ".join(f"{k} {fmt_bytes(counts['total'] * b)}" for k, b in _BYTES.items()))
+    from pathlib import Path
+
+    from .checkpoint import read_quantization
+    stored = read_quantization(Path(model)) if Path(model).is_dir() else None
+    for scheme in filter(None, {stored, quantize or None}):
+        from .quant import QuantScheme
+        scheme = QuantScheme.parse(scheme)
+        print(f"quantized {'(stored) ' if scheme == stored else ''}{scheme}: weight bytes "
+              f"{fmt_bytes(weight_bytes(cfg, 'bfloat16', scheme))} (other parameters in bfloat16)")
     return 0
 
 

@@ -71,7 +71,9 @@ class TrainConfig:
         warmup: linear warmup steps
         weight_decay: AdamW weight decay (not applied to norms, biases, A_log, D)
         grad_clip: clip the global gradient norm to this (0: no clipping)
-        dtype: bf16 (autocast; fp32 master weights) or fp32
+        dtype: bf16 (autocast; fp32 master weights), fp32, or auto: bf16 where its matmuls are fast (GPUs,
+            CPUs with AVX512-BF16 or AMX), fp32 elsewhere (AVX2-only CPUs run torch's bf16 matmuls ~5x
+            slower than fp32)
         checkpointing: activation checkpointing per layer (less memory, about a third more compute)
         activation_loss: Jamba-1.5 activation loss coefficient alpha (alpha * mean(x^2)); 0: off
         eval_every: validation every N steps (and at the end); 0: only at the end
@@ -111,7 +113,7 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    dtype: str = "bf16"
+    dtype: str = "auto"
     checkpointing: bool = False
     activation_loss: float = 0.0
     eval_every: int = 50
@@ -139,7 +141,7 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.grad_clip >= 0, f"--grad-clip cannot be negative (0 turns clipping off), got {self.grad_clip}")
         need(self.activation_loss >= 0, f"--activation-loss cannot be negative, got {self.activation_loss}")
-        need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {self.dtype!r}")
+        need(self.dtype in ("bf16", "fp32", "auto"), f"--dtype must be bf16, fp32 or auto, got {self.dtype!r}")
         need(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         need(self.init or self.preset in PRESETS,
              f"unknown preset {self.preset!r}; available: {', '.join(PRESETS)} (or fine-tune with --init DIR)")
@@ -472,8 +474,16 @@ class Trainer:
         return export
 
     # ---- the loop ------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> str:
+        """The training dtype, with 'auto' resolved for this device (see TrainConfig.dtype)."""
+        if self.cfg.dtype != "auto":
+            return self.cfg.dtype
+        from . import kernels
+        return "bf16" if self.d.device.type != "cpu" or kernels._FAST_BF16 else "fp32"
+
     def _autocast(self):
-        if self.cfg.dtype == "bf16":
+        if self.dtype == "bf16":
             return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -604,7 +614,7 @@ class Trainer:
             f"training diverged at step {step + 1}: the {what} is {value} (loss {m['loss']}, gradient norm "
             f"{m['grad_norm']}); the update was not applied and training stopped. {where}. To avoid it: "
             f"lower --lr (now {self.cfg.lr}), lengthen --warmup (now {self.cfg.warmup}), keep --grad-clip > 0 "
-            f"(now {self.cfg.grad_clip}), or train in --dtype fp32 (now {self.cfg.dtype})")
+            f"(now {self.cfg.grad_clip}), or train in --dtype fp32 (now {self.dtype})")
 
     def _describe(self):
         cfg, mc = self.cfg, self.model_config
@@ -616,7 +626,8 @@ class Trainer:
                  f"evaluated)")
         self.log(f"batch: {cfg.batch_size} sequences x {cfg.seq_len} tokens = {cfg.batch_size * cfg.seq_len:,} "
                  f"tokens/step ({self.d.world} process(es) x micro-batch {self.micro} x {self.accum} accumulation); "
-                 f"{cfg.dtype}{', activation checkpointing' if cfg.checkpointing else ''}"
+                 f"{self.dtype}{' (auto)' if cfg.dtype == 'auto' else ''}"
+                 f"{', activation checkpointing' if cfg.checkpointing else ''}"
                  f"{f', {cfg.parallel}' if self.d.world > 1 else ''}; {torch.get_num_threads()} threads/process")
 
     def _report(self, s: dict, export: HybridLM | None):
