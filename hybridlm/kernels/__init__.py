@@ -168,10 +168,10 @@ def silu_mul(g, u):
     return F.silu(g) * u
 
 
-def decode_kernels(x, *weights) -> bool:
+def decode_kernels(x, *weights, max_rows: int = decode_cpu.MAX_ROWS) -> bool:
     """Whether the fused decode kernels take a call on ``x`` [..., d] with these weights (tensors, linear
-    layers or QuantLinear layers)."""
-    return _backend == "auto" and decode_cpu.applies(x, *weights) and _cpu_kernels()
+    layers or QuantLinear layers), of at most ``max_rows`` rows."""
+    return _backend == "auto" and decode_cpu.applies(x, *weights, max_rows=max_rows) and _cpu_kernels()
 
 
 _plan_refused: set[str] = set()
