@@ -159,7 +159,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
         loaded.update(tied_head)
     elif cfg.tie_word_embeddings and "lm_head.weight" in loaded:
         _untie_if_stored(model, path)
-    missing = sorted(n for n in set(expected) - loaded if expected[n] is not None)
+    missing = sorted(set(expected) - loaded)
     problems = []
     if mismatched:
         problems.append("shape mismatch: " + "; ".join(mismatched[:10]))

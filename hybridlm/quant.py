@@ -112,9 +112,8 @@ class QuantScheme:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with int8/int4 weights (layout in the module docstring): the forward is the
-    product with the dequantized weight, computed by the decode kernels straight from the packed weights
-    for a few rows, and by a GEMM on the weight dequantized once per call otherwise."""
+    """A linear layer with int8/int4 weights (layout in the module docstring); its forward multiplies
+    int8-quantized activations by them (see ``forward``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
                  device=None, bias_dtype: torch.dtype = torch.float32):
@@ -225,21 +224,24 @@ def quantize_rows(w: torch.Tensor, scheme: QuantScheme, ld: int):
     mins = None
     if scheme.bits == 8:
         s = (wg.abs().amax(-1) / 127).to(sdtype)
-        sf = s.float()
-        q = torch.round(wg / torch.where(sf == 0, 1.0, sf)[..., None]).clamp_(-127, 127)
+        q = torch.round(wg / _divisor(s)).clamp_(-127, 127)
         return q.to(torch.int8).view(r, ld), s, None
     if scheme.symmetric:
         m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))[..., 0]     # signed entry of largest magnitude
         s = (m / -8).to(sdtype)
-        sf = s.float()
-        q = torch.round(wg / torch.where(sf == 0, 1.0, sf)[..., None]).add_(8).clamp_(0, 15)
+        q = torch.round(wg / _divisor(s)).add_(8).clamp_(0, 15)
     else:
         lo, hi = wg.amin(-1), wg.amax(-1)
         mins = lo.to(sdtype)
         s = ((hi - lo) / 15).to(sdtype)
-        sf = s.float()
-        q = torch.round((wg - mins.float()[..., None]) / torch.where(sf == 0, 1.0, sf)[..., None]).clamp_(0, 15)
+        q = torch.round((wg - mins.float()[..., None]) / _divisor(s)).clamp_(0, 15)
     return pack_int4(q.to(torch.uint8).view(r, ld)), s, mins
+
+
+def _divisor(s: torch.Tensor) -> torch.Tensor:
+    """Group scales [r, groups] as fp32 divisors [r, groups, 1], 1 where a group is all zeros (its q is 0)."""
+    sf = s.float()
+    return torch.where(sf == 0, 1.0, sf)[..., None]
 
 
 def _quantize_blocks(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,11 +76,11 @@ def weight_bytes(cfg: HybridConfig, dtype: str = "bfloat16", quantize=None) -> i
 
 
 def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: str = "bfloat16",
-                cache_dtype: str = "bfloat16", n_params: int | None = None, quantize=None) -> MemoryPlan:
-    """Bytes of weights, KV cache (attention layers), conv and SSM state (Mamba layers, SSM in fp32).
-    ``n_params`` skips counting the parameters again (callers that plan many contexts pass it);
-    ``quantize`` (a quant.py scheme) plans quantized linear layers."""
-    wb, cb = _BYTES[weight_dtype], _BYTES[cache_dtype]
+                cache_dtype: str = "bfloat16", quantize=None, weights: int | None = None) -> MemoryPlan:
+    """Bytes of weights (``weight_bytes``: ``quantize``, a quant.py scheme, plans quantized linear
+    layers), KV cache (attention layers), conv and SSM state (Mamba layers, SSM in fp32). ``weights``
+    skips counting the weight bytes again (callers that plan many contexts pass it)."""
+    cb = _BYTES[cache_dtype]
     kv = conv = ssm = 0
     for i in range(cfg.num_hidden_layers):
         kind = cfg.mixer(i)
@@ -90,10 +90,7 @@ def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: s
         else:
             slots = context if kind == "attention" else min(context, cfg.sliding_window)
             kv += 2 * batch * cfg.num_key_value_heads * slots * cfg.head_size * cb
-    if quantize:
-        return MemoryPlan(weight_bytes(cfg, weight_dtype, quantize), kv, conv, ssm)
-    n = param_counts(cfg)["total"] if n_params is None else n_params
-    return MemoryPlan(n * wb, kv, conv, ssm)
+    return MemoryPlan(weight_bytes(cfg, weight_dtype, quantize) if weights is None else weights, kv, conv, ssm)
 
 
 def transformer_twin(cfg: HybridConfig) -> HybridConfig:
@@ -104,7 +101,7 @@ def transformer_twin(cfg: HybridConfig) -> HybridConfig:
 
 def max_context(cfg: HybridConfig, budget: int, batch: int = 1, **kw) -> int:
     """Longest context whose weights + cache fit ``budget`` bytes (0 if the weights alone do not)."""
-    kw.setdefault("n_params", param_counts(cfg)["total"])
+    kw.setdefault("weights", weight_bytes(cfg, kw.get("weight_dtype", "bfloat16"), kw.get("quantize")))
     if memory_plan(cfg, 0, batch, **kw).total > budget:
         return 0
     lo, hi = 0, 1 << 40

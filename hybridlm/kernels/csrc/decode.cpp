@@ -37,10 +37,6 @@ namespace {
 
 using namespace hybridlm;
 
-inline float get(const void* p, int64_t i, bool is_bf16) {
-    return is_bf16 ? bf2f(static_cast<const bf16*>(p)[i]) : static_cast<const float*>(p)[i];
-}
-
 inline void put(void* p, int64_t i, float v, bool is_bf16) {
     if (is_bf16) static_cast<bf16*>(p)[i] = f2bf(v);
     else static_cast<float*>(p)[i] = v;
@@ -238,14 +234,14 @@ void gemv_rows(const T* w, const float* bias, const float* x, float* out, int64_
 // block's product is an exact integer dot, times dx * the weight's scale:
 //     int8 / symmetric int4 (w = (q - 8) s)     sum_blocks  dx s * sum_c wq_c xq_c        (wq signed)
 //     asymmetric int4 (w = q s + min)            sum_blocks  dx s * sum_c q_c xq_c + min * dx * sum_c xq_c
-// quant.py's qlinear_ref is the reference twin (same rounding, same integers).
+// quant.py's QuantLinear.product_ref is the reference twin (same rounding, same integers).
 struct QX {            // x [b, ld] quantized per 32-column block
     std::vector<int8_t> q;
-    std::vector<int8_t> pair;    // q with each pair of blocks A, B as [A 0-15, B 0-15, A 16-31, B 16-31] (int4)
+    std::vector<int8_t> pair;    // int4 weights only: q with each pair of blocks A, B as [A 0-15, B 0-15, A 16-31, B 16-31]
     std::vector<float> d, sum;   // [b, ld / 32]: the block's scale, and dx * its sum of xq (asymmetric weights)
 };
 
-inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, QX& out) {
+inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, bool pairs, QX& out) {
     const int64_t nb = ld / 32;
     out.q.assign(b * ld, 0);
     out.d.assign(b * nb, 0.0f);
@@ -266,6 +262,7 @@ inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, QX& out
         }
     // int4 weights of two blocks are one 32-byte load whose low nibbles are columns 0-15 of both blocks and
     // high nibbles columns 16-31 of both; x laid out to match takes the unpacking down to one AND and a shift
+    if (!pairs) return;
     out.pair.resize(b * ld);
     for (int64_t j = 0; j < b; ++j)
         for (int64_t p = 0; p + 1 < nb; p += 2) {
@@ -423,7 +420,7 @@ inline void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* ou
 inline void gemv_q(const Mat& w, const float* bias, const float* x, float* out, int64_t ldo, int64_t b, int64_t k,
                    int64_t r0, int64_t r1) {
     thread_local QX qx;
-    quantize_x(x, b, k, w.ld, qx);
+    quantize_x(x, b, k, w.ld, w.kind == I4, qx);
     if (w.kind == I8) gemv_rows_q<I8, false>(w, bias, qx, out, ldo, b, r0, r1);
     else if (w.min) gemv_rows_q<I4, true>(w, bias, qx, out, ldo, b, r0, r1);
     else gemv_rows_q<I4, false>(w, bias, qx, out, ldo, b, r0, r1);

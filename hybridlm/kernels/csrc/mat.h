@@ -38,10 +38,6 @@ struct Mat {
     int64_t scale_bf16;  // scale and min are bf16 (else fp32)
 };
 
-inline float scale_at(const void* p, int64_t i, bool is_bf16) {
-    return is_bf16 ? bf2f(static_cast<const bf16*>(p)[i]) : static_cast<const float*>(p)[i];
-}
-
 typedef int8_t vs8 __attribute__((vector_size(W)));
 typedef uint8_t vu8 __attribute__((vector_size(W)));
 

@@ -23,8 +23,8 @@ void dequantize_rows(const Mat& m, T* out, int64_t o, int64_t k, int threads) {
     for (int64_t r = 0; r < o; ++r) {
         T* orow = out + r * k;
         for (int64_t G = 0; G < ng && G * g < k; ++G) {
-            const float sc = scale_at(m.scale, r * ng + G, s16);
-            const float mn = m.min ? scale_at(m.min, r * ng + G, s16) : 0.0f;
+            const float sc = get(m.scale, r * ng + G, s16);
+            const float mn = m.min ? get(m.min, r * ng + G, s16) : 0.0f;
             const int64_t c1 = std::min(k, (G + 1) * g);
 #ifdef __AVX2__
             if constexpr (std::is_same_v<T, float>) {      // whole 32-column blocks in AVX2 registers

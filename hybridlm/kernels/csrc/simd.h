@@ -118,6 +118,11 @@ inline bf16 f2bf(float f) {   // round to nearest even, as torch does
     return static_cast<bf16>(u >> 16);
 }
 
+// element i of an fp32 or bf16 array, as fp32
+inline float get(const void* p, int64_t i, bool is_bf16) {
+    return is_bf16 ? bf2f(static_cast<const bf16*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
 // W bf16 values as fp32 lanes, and back (rounded as f2bf rounds)
 inline vf widen(vh h) {
     vu u = __builtin_convertvector(h, vu) << 16;
