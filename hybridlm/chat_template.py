@@ -134,12 +134,15 @@ class ChatTemplate:
         self._compiled: dict[str, object] = {}
 
     @classmethod
-    def from_dir(cls, path: str | Path | None) -> ChatTemplate:
-        """The checkpoint's template (chat_template.jinja, then tokenizer_config.json), else the default
-        (also for ``path`` None)."""
+    def from_dir(cls, path: str | Path | None, tokenizer=None) -> ChatTemplate:
+        """The checkpoint's template (chat_template.jinja, then tokenizer_config.json; a GGUF file's
+        metadata), else the default (also for ``path`` None). ``tokenizer``: a GGUF's, already loaded."""
         if path is None:
             return cls(DEFAULT_TEMPLATE, origin="default (ChatML)")
         path = Path(path)
+        if path.suffix.lower() == ".gguf":   # the template and special tokens travel in the GGUF's metadata
+            from .tokenizer import load_tokenizer
+            return cls.from_config((tokenizer or load_tokenizer(path)).config, str(path))
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):   # the latter wins, as in transformers
             f = path / name
@@ -148,15 +151,20 @@ class ChatTemplate:
                     config.update(json.loads(f.read_text()))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{f} is not valid JSON: {e}") from None
-        special = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
         jinja_file = path / "chat_template.jinja"
         if jinja_file.exists():
-            return cls(jinja_file.read_text(), special, origin=str(jinja_file))
+            return cls(jinja_file.read_text(), _special_tokens(config), origin=str(jinja_file))
+        return cls.from_config(config, str(path / "tokenizer_config.json"))
+
+    @classmethod
+    def from_config(cls, config: dict, origin: str) -> ChatTemplate:
+        """From tokenizer_config.json's contents (``chat_template``, special tokens), else the default."""
+        special = _special_tokens(config)
         raw = config.get("chat_template")
         if isinstance(raw, list):
             raw = {t["name"]: t["template"] for t in raw}
         if raw:
-            return cls(raw, special, origin=str(path / "tokenizer_config.json"))
+            return cls(raw, special, origin=origin)
         return cls(DEFAULT_TEMPLATE, special, origin="default (ChatML)")
 
     @property
@@ -192,6 +200,10 @@ class ChatTemplate:
             raise ValueError(f"chat template refused the conversation: {e}") from None
 
 
+def _special_tokens(config: dict) -> dict[str, str]:
+    return {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
+
+
 @dataclass
 class ChatFormat:
     """Everything needed to turn a conversation into token ids and generated ids back into text."""
@@ -211,7 +223,7 @@ class ChatFormat:
             from .tokenizer import load_tokenizer
             tokenizer = load_tokenizer(path)
         tok = tokenizer
-        template = ChatTemplate.from_dir(path)
+        template = ChatTemplate.from_dir(path, tokenizer)
         stop_ids, stop_strings = set(), []
         if getattr(tok, "eos_id", None) is not None:
             stop_ids.add(tok.eos_id)

@@ -107,8 +107,10 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
     """See HybridLM.from_pretrained. ``quantize`` (a quant.QuantScheme or its spelling, e.g. "int4"):
     quantize each linear weight as it is read, so memory never holds more than the quantized model plus
     one tensor. A checkpoint saved quantized loads into quantized layers by itself."""
-    from .model import HybridLM
-    from .quant import QuantLinear, QuantScheme, quantize_structure
+    from .gguf import is_gguf, load_gguf
+    if is_gguf(path):
+        return load_gguf(path, dtype=dtype, device=device, quantize=quantize)
+    from .quant import QuantLinear, QuantScheme
     path = Path(path)
     cfg = read_config(path)
     stored = read_quantization(path)
@@ -117,12 +119,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
         raise ValueError(f"{path} is already quantized ({stored}); load it without quantize=/--quantize, or "
                          f"quantize the original bf16/fp32 checkpoint to {scheme} instead")
     files = find_weights(path, allow_pickle)
-    with torch.device("meta"):
-        model = HybridLM(cfg)
-    if scheme is not None:
-        quantize_structure(model, scheme)
-    expected = dict(model.named_parameters(remove_duplicate=False))
-    expected.update(model.named_buffers())
+    model, expected = meta_model(cfg, scheme)
     loaded, unexpected, mismatched = set(), [], []
     for name, get, shape in _iter_tensors(files):
         layer_name, _, leaf = name.rpartition(".")
@@ -176,6 +173,20 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
         for p in model.parameters():             # parameters only: quantized layers keep their scale dtype
             p.data = p.data.to(dtype)
     return model.eval()
+
+
+def meta_model(cfg: HybridConfig, scheme=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A model of ``cfg`` on the meta device (its linear layers empty QuantLinears under ``scheme``) for a
+    loader to fill, and every tensor it expects by name (tied ones under both names)."""
+    from .model import HybridLM
+    from .quant import quantize_structure
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    if scheme is not None:
+        quantize_structure(model, scheme)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    expected.update(model.named_buffers())
+    return model, expected
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -268,12 +279,19 @@ def _write_atomic(path: Path, text: str):
 
 
 def load_model(spec: str | Path, dtype: torch.dtype | None = None, device="cpu", seed: int = 0, quantize=None):
-    """A checkpoint directory, or a preset name (randomly initialised with ``seed``; on the meta device
+    """A checkpoint directory, a ``.gguf`` file, or a preset name (randomly initialised with ``seed``; on the meta device
     only shapes exist, which is enough to count parameters of models too large for this machine).
     ``quantize``: a quant.QuantScheme or its spelling ("int8", "int4:g64", ...), applied while loading."""
     from .config import PRESETS, preset
+    from .gguf import is_gguf
     from .model import HybridLM
     from .quant import QuantScheme, quantize_model, quantize_structure
+    if is_gguf(spec):
+        from .gguf import gguf_plan, load_gguf
+        if str(device) == "meta":
+            cfg, scheme, _ = gguf_plan(spec, quantize)
+            return meta_model(cfg, scheme)[0].eval()
+        return load_gguf(spec, dtype=dtype, device=device, quantize=quantize, progress=True)
     scheme = None if quantize in (None, "", "none") else QuantScheme.parse(quantize)
     if str(spec) in PRESETS:
         with torch.device("meta" if str(device) == "meta" else "cpu"):

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "hybridlm.train:train_cli",
     "bench": "hybridlm.bench:bench",
     "quantize": "hybridlm.quant:quantize_cli",
+    "export": "hybridlm.gguf:export_cli",
     "ablate": "hybridlm.eval.ablate:ablate",
     "eval": "hybridlm.eval.quality:eval_cli",
     "inspect": "hybridlm.summary:inspect_cmd",

@@ -205,7 +205,7 @@ def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, tempera
     """Generate a continuation of a prompt with a checkpoint, streaming tokens as they come.
 
     Args:
-        model: checkpoint directory (with a tokenizer), or a preset name (random weights, token ids)
+        model: checkpoint directory (with a tokenizer), .gguf file, or a preset name (random weights, token ids)
         prompt: the prompt text (with a preset: space-separated token ids)
         max_new_tokens: how many tokens to generate at most
         temperature: 0 for greedy decoding
@@ -230,7 +230,7 @@ def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, tempera
     text = Path(prompt_file).read_text() if prompt_file else prompt
     m = load_model(model, dtype=parse_dtype(dtype), quantize=quantize)
     tok = None
-    if Path(model).is_dir():
+    if Path(model).is_dir() or str(model).lower().endswith(".gguf"):
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(model)
     if tok is not None:

@@ -108,8 +108,9 @@ class HybridLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device="cpu",
                         allow_pickle: bool = False, quantize=None) -> "HybridLM":
-        """Load a HuggingFace-format Jamba checkpoint directory (config.json + safetensors); ``quantize``
-        ("int8", "int4", ... see quant.py) quantizes the linear layers while loading."""
+        """Load a HuggingFace-format Jamba checkpoint directory (config.json + safetensors) or a llama.cpp
+        ``jamba`` GGUF file (see gguf.py); ``quantize`` ("int8", "int4", ... see quant.py) quantizes the
+        linear layers while loading."""
         from .checkpoint import load_pretrained
         return load_pretrained(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize)
 

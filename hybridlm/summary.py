@@ -118,18 +118,22 @@ def inspect_cmd(model: str, dtype: str = "auto", quantize: str = "") -> int:
     """Show a model's layer layout, total and active parameters, and weight bytes per dtype (and quantized).
 
     Args:
-        model: checkpoint directory or preset name (tiny, bench-88m, jamba-v0.1, jamba-reasoning-3b, ...)
+        model: checkpoint directory, .gguf file (also shows how each tensor loads), or preset name (tiny,
+            bench-88m, jamba-v0.1, jamba-reasoning-3b, ...)
         dtype: accepted for symmetry with other commands; counts are shown for every dtype
         quantize: also show the weight bytes under this scheme (int8, int4, int4:g32, ...); a quantized
-            checkpoint shows its own
+            checkpoint shows its own; for a GGUF file, the scheme it loads into (bf16: dequantized)
 
     Examples:
         hybridlm inspect bench-88m
         hybridlm inspect ./my-jamba-checkpoint
         hybridlm inspect jamba-reasoning-3b --quantize int4
+        hybridlm inspect ./jamba-reasoning-3b-Q4_K_M.gguf
     """
     from .checkpoint import load_model
-    cfg = load_model(model, device="meta").config
+    from .quant import scheme_of
+    meta = load_model(model, device="meta", quantize=quantize or None)
+    cfg, stored = meta.config, scheme_of(meta)
     counts = param_counts(cfg)
     n_attn = sum(cfg.mixer(i) != "mamba" for i in range(cfg.num_hidden_layers))
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
@@ -138,16 +142,42 @@ def inspect_cmd(model: str, dtype: str = "auto", quantize: str = "") -> int:
     print(layout_diagram(cfg))
     print(f"parameters: total {counts['total']:,}   active per token {counts['active']:,}")
     print("weight bytes: " + "   ".join(f"{k} {fmt_bytes(counts['total'] * b)}" for k, b in _BYTES.items()))
-    from pathlib import Path
-
-    from .checkpoint import read_quantization
-    stored = read_quantization(Path(model)) if Path(model).is_dir() else None
-    for scheme in filter(None, {stored, quantize or None}):
-        from .quant import QuantScheme
-        scheme = QuantScheme.parse(scheme)
-        print(f"quantized {'(stored) ' if scheme == stored else ''}{scheme}: weight bytes "
-              f"{fmt_bytes(weight_bytes(cfg, 'bfloat16', scheme))} (other parameters in bfloat16)")
+    if stored is not None:
+        print(f"quantized {'' if quantize else '(as stored) '}{stored}: weight bytes "
+              f"{fmt_bytes(weight_bytes(cfg, 'bfloat16', stored))} (other parameters in bfloat16)")
+    from .gguf import is_gguf
+    if is_gguf(model):
+        gguf_report(model, quantize or None)
     return 0
+
+
+def gguf_report(path: str, quantize=None):
+    """How each tensor of a GGUF file loads (gguf.gguf_plan), one line per kind of tensor across layers."""
+    import re
+
+    from .gguf import gguf_plan
+    _, _, rows = gguf_plan(path, quantize)
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for name, typ, how in rows:
+        m = re.match(r"blk\.(\d+)\.(.*)", name)
+        key = ("blk.*." + m.group(2) if m else name, typ, how)
+        groups.setdefault(key, []).append(m.group(1) if m else "")
+    print(f"GGUF tensors ({len(rows)}), as they load:")
+    for (name, typ, how), layers in groups.items():
+        where = f" (layers {_ranges([int(i) for i in layers])})" if layers[0] else ""
+        print(f"  {name:26s} {typ:6s} {how}{where}")
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(f"{start}-{x}" if x != start else f"{x}")
+            start = None
+    return ",".join(out)
 
 
 def plan_cmd(model: str, context: int = 262144, batch: int = 1, budget: str = "", dtype: str = "bfloat16",
@@ -172,12 +202,11 @@ def plan_cmd(model: str, context: int = 262144, batch: int = 1, budget: str = ""
     from .checkpoint import load_model
     if dtype not in _BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_BYTES)}")
-    from .checkpoint import read_quantization
-    from pathlib import Path
-    cfg = load_model(model, device="meta").config
+    from .quant import scheme_of
+    meta = load_model(model, device="meta", quantize=quantize or None)
+    cfg = meta.config
     twin = transformer_twin(cfg)
-    if not quantize and Path(model).is_dir():
-        quantize = read_quantization(Path(model))
+    quantize = scheme_of(meta)
     kw = dict(weight_dtype=dtype, cache_dtype=dtype)
     rows = [("hybrid (" + cfg.pattern[:16] + ("..." if len(cfg.pattern) > 16 else "") + ")", cfg),
             ("pure transformer", twin)]

@@ -71,6 +71,11 @@ class Tokenizer:
                 return i
         return None
 
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer`` (None for a SentencePiece model)."""
+        return self._tok
+
     # ---- the API the trainer and the server use --------------------------------------------------
     @property
     def vocab_size(self) -> int:
@@ -165,14 +170,19 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A checkpoint directory (tokenizer.json preferred, else tokenizer.model) or one of those files.
+    """A checkpoint directory (tokenizer.json preferred, else tokenizer.model), one of those files, or a
+    GGUF file (its ``tokenizer.ggml.*`` metadata).
 
     Special-token ids come from tokenizer_config.json when it names them, else from well-known token
     names (``</s>``, ``<|endoftext|>``, ...); ``bos_id``/``eos_id``/``pad_id`` are None when unknown."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer path {p} does not exist; pass a checkpoint directory or a "
-                                f"tokenizer.json / tokenizer.model file")
+                                f"tokenizer.json / tokenizer.model / .gguf file")
+    if p.suffix.lower() == ".gguf":             # the tokenizer and chat template in the GGUF's metadata
+        from .gguf import open_gguf
+        from .gguf_vocab import tokenizer_from_metadata
+        return tokenizer_from_metadata(open_gguf(p, check_arch=False).meta, source=str(p))
     d = p if p.is_dir() else p.parent
     config_file = d / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
