@@ -199,10 +199,6 @@ class GGUFFile:
             raise ValueError(f"{self.path}: metadata key {ARCH}.{name} is missing")
         return v
 
-    def array(self, name: str, dtype=torch.float32) -> torch.Tensor:
-        """A tensor dequantized to ``dtype`` (float types converted exactly where the dtype allows)."""
-        return _to_torch(self.tensors[name], dtype)
-
 
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF value types
 _STRING, _ARRAY = 8, 9
@@ -290,11 +286,13 @@ def _check_header(path: Path):
 
 
 def _to_torch(t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.data`` (memory of our own, as GGUFTensor.read returns it) as a torch tensor of ``dtype``; float
+    types are taken as they are, without a copy when the dtype matches."""
     import numpy as np
-    if t.type in ("F32", "F16"):     # np.array: a writable copy when ``t.data`` is still the file map
-        return torch.from_numpy(np.array(t.data)).reshape(t.shape).to(dtype)
+    if t.type in ("F32", "F16"):
+        return torch.from_numpy(t.data).reshape(t.shape).to(dtype)
     if t.type == "BF16":
-        return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(t.shape).to(dtype)
+        return torch.from_numpy(t.data.view(np.int16)).view(torch.bfloat16).reshape(t.shape).to(dtype)
     gguf = _need_gguf()
     kind = gguf.GGMLQuantizationType[t.type]
     try:
