@@ -19,11 +19,14 @@ import torch
 from .cache import Cache
 
 DEFAULT_PREFILL_CHUNK = 2048
+# below this temperature sampling is greedy: logits / t would overflow fp32 (t = 1e-45 gives inf, then NaN)
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
 class Sampling:
-    """How the next token is chosen. temperature 0 = greedy (the other knobs are then moot)."""
+    """How the next token is chosen. temperature 0 (or below ``GREEDY_BELOW``) = greedy (the other
+    knobs are then moot)."""
     temperature: float = 0.0
     top_k: int = 0                 # 0: off
     top_p: float = 1.0             # 1.0: off
@@ -48,7 +51,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
     if s.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
-    if s.temperature == 0:
+    if s.temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = logits / s.temperature
     if s.top_k:
@@ -59,6 +62,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(-1) - probs >= s.top_p
+        drop[:, 0] = False   # the top token always stays (a top_p that rounds to 0 in fp32 would drop it)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

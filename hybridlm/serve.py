@@ -13,25 +13,34 @@ before a shorter row marked invalid, which the model already treats as left padd
 
 Prompt-state reuse (``prefix_cache``): each prompt starts from the longest stored prefix state; the
 states at message boundaries, at the end of each prompt and after each reply are stored, so the next
-turn of a conversation, or another request with the same system prompt or document, skips most of
-its prefill. ``usage.prompt_tokens_details.cached_tokens`` reports how many prompt tokens were reused.
+turn of a conversation, or another request of the same client with the same system prompt or
+document, skips most of its prefill. ``usage.prompt_tokens_details.cached_tokens`` reports how many
+prompt tokens were reused.
 Prompts are always tokenized afresh (a cache must not change results), so the state after a reply
 serves the next turn when the reply's text tokenizes back to the ids generated, which is the rule for
 a trained model; otherwise the turn continues from the state after the previous prompt.
 
+Clients are told apart by API key (the Authorization header), else by address (``client_id``). A
+client's prompt states are stored in its own part of the prefix cache, so ``cached_tokens`` (or the time
+to a first token) never tells one client what another sent. Each client may hold ``max_client_jobs`` of
+the queue, and waiting jobs take batch rows in turns between clients (``Engine._admit``).
+
 Errors follow OpenAI's format, ``{"error": {"message", "type", "param", "code"}}``, with 400 for
-invalid requests and prompts past the context, 404 for an unknown model or route, 413 for an oversized
-body, 503 when the queue is full.
+invalid requests and prompts past the context, 404 for an unknown model or route, 408 for a body that
+does not arrive in time, 413 for an oversized body, 429 when the client holds its share of the queue,
+503 when the queue is full. A failure while generating fails that request alone: a 500, or in a stream
+an error event and the end of the stream.
 """
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (``Request``, imported
 # inside create_app) as objects
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -57,17 +66,30 @@ class Limits:
     max_body_bytes: int = 4 * 2**20
     prefill_slice: int = 512          # prompt tokens per engine step, shared by the starting requests
     snapshot_every: int = 1024        # also keep prompt state every N tokens of long prompts (0: off)
+    max_request_jobs: int = 16        # completions (prompts x n) in one request; more are refused with 400
+    max_client_jobs: int = 64         # completions one client may have waiting or running; more get 429
+    max_stops: int = 4                # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 256         # characters per stop string (the hold-back check grows with its square)
+    read_timeout: float = 30.0        # seconds for a request's body to arrive (and its head, see http_protocol)
 
 
 class Overloaded(Exception):
     pass
 
 
-@dataclass
+class RateLimited(Overloaded):
+    """One client holds its share of the queue (``Limits.max_client_jobs``)."""
+
+
+@dataclass(eq=False)   # a job is itself: compared (``in``, ``remove``) by identity, never field by field
 class Job:
     """One completion (one choice) for the engine. ``emit`` is called from the model thread with
     ("text", index, delta), ("end", index, finish_reason, completion_tokens, cached_tokens) or
-    ("error", index, message)."""
+    ("error", index, message).
+
+    ``client`` identifies who sent it (see ``client_id``): jobs of different clients take turns for
+    batch rows, and a client's prompts are stored in and found from its own part of the prefix cache.
+    None: an anonymous caller of the engine, with an unscoped prefix cache."""
     ids: list[int]
     max_new: int
     sampling: Sampling
@@ -79,6 +101,7 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    client: int | None = None
     cancelled: bool = False
     # engine state
     reused: int = 0                   # prompt tokens restored from the prefix cache
@@ -86,10 +109,15 @@ class Job:
     text: TextStream | None = None
     prefill: PrefillJob | None = None
     generator: torch.Generator | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None   # logit_bias as (ids, values), built once
 
 
 class Engine:
-    """Owns the model; serves jobs from one thread with batched decode (see the module docstring)."""
+    """Owns the model; serves jobs from one thread with batched decode (see the module docstring).
+
+    A failure is answered where it happens: an exception while prefilling, sampling or decoding the
+    text of one job fails that job alone (an "error" event); one in a step of the whole batch (out of
+    memory, a bug) fails the rows in the batch, and the queue is served on."""
 
     def __init__(self, model, tokenizer, limits: Limits, store: PrefixCache | None):
         self.model, self.limits, self.store = model, limits, store
@@ -100,9 +128,12 @@ class Engine:
         self._blocked = slice(vocab_size, v) if vocab_size and vocab_size < v else None
         self._pending: deque[Job] = deque()
         self._starting: deque[Job] = deque()
+        self._joining: list[tuple[Job, Cache, int]] = []   # prompt done, first token sampled, not in the batch yet
         self._rows: list[Job] = []
         self._last: list[int] = []
         self._batch: Cache | None = None
+        self._admitted: dict[int | None, int] = {}   # client -> serial of its last job given a row
+        self._serial = 0
         self._cv = threading.Condition()
         self._stopping = False
         self.busy = False                 # the model thread is working (a step, or storing a reply's state)
@@ -127,14 +158,25 @@ class Engine:
             if self.load() + len(jobs) > self.limits.max_queue:
                 raise Overloaded(f"the server is busy ({self.load()} completions queued or running, "
                                  f"limit {self.limits.max_queue}); retry later")
+            for client in {j.client for j in jobs}:
+                held = sum(j.client == client for j in self._jobs())
+                asked = sum(j.client == client for j in jobs)
+                if held + asked > self.limits.max_client_jobs:
+                    raise RateLimited(f"this client has {held} completions queued or running and asks for {asked} "
+                                      f"more; the limit per client is {self.limits.max_client_jobs}; retry when "
+                                      f"some have finished")
             self._pending.extend(jobs)
             self._cv.notify()
 
     def load(self) -> int:
-        return len(self._pending) + len(self._starting) + len(self._rows)
+        return len(self._pending) + len(self._starting) + len(self._joining) + len(self._rows)
+
+    def _jobs(self):
+        return (*self._pending, *self._starting, *(j for j, _, _ in self._joining), *self._rows)
 
     def stats(self) -> dict:
-        return {"waiting": len(self._pending), "prefilling": len(self._starting), "decoding": len(self._rows),
+        return {"waiting": len(self._pending), "prefilling": len(self._starting) + len(self._joining),
+                "decoding": len(self._rows),
                 "busy": self.busy, "steps": self.steps, "max_batch_seen": self.max_rows_seen}
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -149,64 +191,113 @@ class Engine:
                     if self._stopping:
                         self._fail_all("the server is shutting down")
                         return
-                    while self._pending and len(self._rows) + len(self._starting) < self.limits.max_batch:
-                        self._starting.append(self._pending.popleft())
+                    self._admit()
                 try:
                     self._step()
-                except Exception as e:   # a bug or out of memory: fail what is in flight, keep serving
+                except Exception as e:   # a bug outside the per-job and per-batch guards: fail what is in flight
                     log.exception("engine step failed")
-                    with self._cv:
-                        self._fail_all(f"internal error in the model thread: {type(e).__name__}: {e}")
+                    self._fail([*self._starting, *(j for j, _, _ in self._joining), *self._rows], e)
+                    self._starting.clear()
+                    self._joining, self._rows, self._last, self._batch = [], [], [], None
+
+    def _admit(self):
+        """Move waiting jobs into free batch rows, taking turns between clients: next is the oldest job of
+        the client with the fewest rows, and among those the one served longest ago, so one client's
+        many jobs do not keep another's single job waiting (call with the lock held)."""
+        active = Counter(j.client for j in (*self._starting, *self._rows))   # (nothing is joining between steps)
+        while self._pending and len(self._rows) + len(self._starting) < self.limits.max_batch:
+            job = min(self._pending, key=lambda j: (active[j.client], self._admitted.get(j.client, -1)))
+            self._pending.remove(job)
+            self._starting.append(job)
+            active[job.client] += 1
+            self._serial += 1
+            self._admitted[job.client] = self._serial
+        if len(self._admitted) > 2 * self.limits.max_queue:   # forget clients with nothing queued or running
+            present = {j.client for j in self._jobs()}
+            self._admitted = {c: n for c, n in self._admitted.items() if c in present}
 
     def _fail_all(self, message: str):
         """Answer every job with an error and forget them (call with the lock held)."""
-        for job in [*self._pending, *self._starting, *self._rows]:
+        for job in self._jobs():
             job.emit(("error", job.index, message))
         self._pending.clear()
         self._starting.clear()
-        self._rows, self._last, self._batch = [], [], None
+        self._joining, self._rows, self._last, self._batch = [], [], [], None
+
+    def _fail(self, jobs: list[Job], e: Exception):
+        """Answer ``jobs`` with an error (the caller takes them out of the queues)."""
+        message = f"internal error while generating this completion: {type(e).__name__}: {e}"
+        for job in jobs:
+            job.cancelled = True   # and its state is not stored
+            job.emit(("error", job.index, message))
 
     def _step(self):
         self.steps += 1
-        self._drop_cancelled()
-        joining: list[tuple[Job, Cache, int]] = []
+        try:
+            self._drop_cancelled()
+            self._prefill()
+            if self._joining:
+                joining = self._joining
+                parts = [(self._batch, i) for i in range(len(self._rows))] + [(c, 0) for _, c, _ in joining]
+                rows = self._rows + [j for j, _, _ in joining]
+                self._batch = self._regather(parts, rows)
+                self._rows, self._joining = rows, []
+                self._last = self._last + [t for _, _, t in joining]
+                for job, _, _ in joining:
+                    job.prefill = None   # its cache now lives in the batch
+            if self._rows:
+                self._decode()
+        except Exception as e:
+            # the batch as a whole failed (out of memory, a bug): no one job to blame, so its rows fail;
+            # jobs still waiting or prefilling are served on
+            log.exception("batch step failed")
+            self._fail([*self._rows, *(j for j, _, _ in self._joining)], e)
+            self._joining, self._rows, self._last, self._batch = [], [], [], None
+
+    def _prefill(self):
+        """Give the starting jobs this step's slice of prompt tokens; those whose prompt is done go to
+        ``_joining`` with their cache and first token. A job that raises fails alone."""
         budget = self.limits.prefill_slice
         while self._starting and budget > 0:
             job = self._starting[0]
-            if job.prefill is None:
-                job.text = TextStream(self.decode, job.stop_ids, job.stop_strings)
-                # +1: room to feed the last token when the reply's state is stored
-                job.prefill = PrefillJob(self.model, job.ids, len(job.ids) + job.max_new + 1, self.store,
-                                         job.boundaries, self.limits.snapshot_every)
-            budget -= job.prefill.step(budget)
-            if not job.prefill.done:
-                break
-            self._starting.popleft()
-            job.reused = job.prefill.reused
-            token = self._sample(job, job.prefill.logits[0])
-            if self._accept(job, token):
-                joining.append((job, job.prefill.cache, token))
-            else:
-                self._finish(job, job.prefill.cache, 0)
-        if joining:
-            parts = [(self._batch, i) for i in range(len(self._rows))] + [(c, 0) for _, c, _ in joining]
-            self._rows = self._rows + [j for j, _, _ in joining]
-            self._last = self._last + [t for _, _, t in joining]
-            self._batch = self._regather(parts, self._rows)
-            for job, _, _ in joining:
-                job.prefill = None   # its cache now lives in the batch
-        if not self._rows:
-            return
+            try:
+                if job.prefill is None:
+                    job.text = TextStream(self.decode, job.stop_ids, job.stop_strings)
+                    # +1: room to feed the last token when the reply's state is stored
+                    job.prefill = PrefillJob(self.model, job.ids, len(job.ids) + job.max_new + 1, self._store(job),
+                                             job.boundaries, self.limits.snapshot_every)
+                budget -= job.prefill.step(budget)
+                if not job.prefill.done:
+                    break
+                job.reused = job.prefill.reused
+                token = self._sample(job, job.prefill.logits[0])
+                if self._accept(job, token):
+                    self._joining.append((job, job.prefill.cache, token))
+                else:
+                    self._finish(job, job.prefill.cache, 0)
+                self._starting.popleft()   # only now: until it is in _joining, it counts as starting
+            except Exception as e:
+                log.exception("a completion failed while starting")
+                self._starting.popleft()
+                job.prefill = None
+                self._fail([job], e)
+
+    def _decode(self):
+        """One decode step for every row; a row whose sampling or text raises fails alone."""
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
         logits = decode_step(self.model, self._batch, torch.tensor(self._last, device=self._batch.valid.device))
         keep = []
         for i, job in enumerate(self._rows):
-            token = self._sample(job, logits[i])
-            self._last[i] = token
-            if self._accept(job, token):
-                keep.append(i)
-            else:
-                self._finish(job, self._batch, i)
+            try:
+                token = self._sample(job, logits[i])
+                self._last[i] = token
+                if self._accept(job, token):
+                    keep.append(i)
+                else:
+                    self._finish(job, self._batch, i)
+            except Exception as e:
+                log.exception("a completion failed while decoding")
+                self._fail([job], e)
         if len(keep) < len(self._rows):
             self._keep(keep)
 
@@ -232,13 +323,22 @@ class Engine:
         if len(keep) < len(self._rows):
             self._keep(keep)
 
+    def _store(self, job: Job):
+        """The prefix cache as ``job``'s client sees it."""
+        if self.store is None or job.client is None:
+            return self.store
+        return _ScopedStore(self.store, job.client)
+
     def _sample(self, job: Job, logits: torch.Tensor) -> int:
         """logits [v] -> the next token of ``job``, with its penalties, biases and generator."""
         x = logits.float().clone()
         if self._blocked is not None:
             x[self._blocked] = float("-inf")
-        for t, b in job.logit_bias.items():
-            x[t] += b
+        if job.logit_bias:
+            if job.bias is None:   # one indexed add, not one per entry: a request may bias the whole vocabulary
+                job.bias = (torch.tensor(list(job.logit_bias), dtype=torch.long, device=x.device),
+                            torch.tensor(list(job.logit_bias.values()), dtype=x.dtype, device=x.device))
+            x[job.bias[0]] += job.bias[1]
         if (job.presence_penalty or job.frequency_penalty) and job.generated:
             # OpenAI's definition: counts of each token in the completion so far
             counts = torch.bincount(torch.tensor(job.generated), minlength=x.shape[0]).to(x)
@@ -265,10 +365,31 @@ class Engine:
 
     def _finish(self, job: Job, cache: Cache, row: int):
         job.emit(("end", job.index, job.text.finish_reason, len(job.generated), job.reused))
-        if self.store is not None and not job.cancelled:
+        store = self._store(job)
+        if store is not None and not job.cancelled:
             # after the answer is out; the next request is served by this thread, so it finds the state
-            one = cache if cache.batch == 1 else _gather(self.model, [(cache, row)], 1)
-            remember_reply(self.model, one, job.ids + job.generated, job.generated[-1], self.store)
+            try:
+                one = cache if cache.batch == 1 else _gather(self.model, [(cache, row)], 1)
+                remember_reply(self.model, one, job.ids + job.generated, job.generated[-1], store)
+            except Exception:   # the answer is out already; only the reuse of its state is lost
+                log.exception("storing a reply's state failed")
+
+
+class _ScopedStore:
+    """One client's view of the shared prefix cache. Its keys are the client's token ids shifted past
+    every real id by a per-client offset, so a client finds only prefixes it stored itself: a hit on
+    another client's prompt would tell it that prompt (through ``cached_tokens``, and through the time to
+    its first token). One byte budget and one LRU still serve all clients."""
+
+    def __init__(self, shared: PrefixCache, client: int):
+        self.shared = shared
+        self.offset = (client + 1) << 32   # token ids are below 2**32
+
+    def lookup(self, tokens):
+        return self.shared.lookup([self.offset + t for t in tokens])
+
+    def store(self, tokens, snap):
+        return self.shared.store([self.offset + t for t in tokens], snap)
 
 
 def _gather(model, parts: list[tuple[Cache, int]], room: int) -> Cache:
@@ -307,9 +428,10 @@ def _gather(model, parts: list[tuple[Cache, int]], room: int) -> Cache:
 # ---- HTTP ---------------------------------------------------------------------------------------------
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -364,7 +486,8 @@ def _schemas():
         temperature: float = Field(default=1.0, ge=0, le=2)
         top_p: float = Field(default=1.0, gt=0, le=1)
         top_k: int = Field(default=0, ge=0)                           # extension (vLLM, llama-server)
-        repetition_penalty: float = Field(default=1.0, gt=0)          # extension
+        # extension; bounded so that logits / penalty stays finite in fp32
+        repetition_penalty: float = Field(default=1.0, ge=0.01, le=100)
         presence_penalty: float = Field(default=0.0, ge=-2, le=2)
         frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
         logit_bias: dict[str, float] | None = None
@@ -372,7 +495,7 @@ def _schemas():
         stream: bool = False
         stream_options: StreamOptions | None = None
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)   # torch's generators take 64 bits
         user: str | None = None
 
     class ChatRequest(Common):
@@ -451,17 +574,12 @@ def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatF
 
     app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.served, app.state.prefix_cache = engine, served, prefix_cache
+    app.add_middleware(_InternalErrors)
+    client_key = secrets.token_bytes(16)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request, e: Exception):
-        log.exception("request failed")
-        err = APIError(500, f"internal server error: {type(e).__name__}: {e}", code="internal_error",
-                       type_="server_error")
-        return JSONResponse(err.body(), status_code=500)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
@@ -477,12 +595,21 @@ def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatF
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limits.max_body_bytes}",
                            code="request_too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes",
-                               code="request_too_large")
+
+        async def read() -> bytearray:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes",
+                                   code="request_too_large")
+            return body
+        try:
+            body = await asyncio.wait_for(read(), limits.read_timeout)
+        except asyncio.TimeoutError:
+            # the rest of the body may still come: close the connection rather than read it as the next request
+            raise APIError(408, f"the request body did not arrive within {limits.read_timeout:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
         if not body:
             raise APIError(400, "the request has no body; send a JSON object", code="invalid_json")
         try:
@@ -514,10 +641,11 @@ def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatF
     async def chat_completions(request: Request):
         req = await read_json(request, ChatRequest)
         messages, tools = _chat_inputs(req, fmt)
+        _check_jobs(1, req.n, limits)
         prompt = await asyncio.to_thread(_encode_chat, fmt, messages, tools)
         max_new = _max_new(req.max_completion_tokens or req.max_tokens, len(prompt.ids), limits)
         return await _respond(request, engine, served, req, [prompt], max_new, chat=True,
-                              tools=bool(tools))
+                              tools=bool(tools), client=client_id(request, client_key))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -526,11 +654,59 @@ def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatF
                            ("best_of", req.best_of not in (None, 1))):
             if bad:
                 raise APIError(400, f"'{param}' is not supported by this server", param, "unsupported_parameter")
+        one = isinstance(req.prompt, str) or bool(req.prompt) and isinstance(req.prompt[0], int)
+        _check_jobs(1 if one else len(req.prompt), req.n, limits)   # before tokenizing them
         prompts = await asyncio.to_thread(_encode_prompts, fmt, req.prompt, model.config.vocab_size)
         max_new = min(_max_new(req.max_tokens, len(p.ids), limits) for p in prompts)
-        return await _respond(request, engine, served, req, prompts, max_new, chat=False, tools=False)
+        return await _respond(request, engine, served, req, prompts, max_new, chat=False, tools=False,
+                              client=client_id(request, client_key))
 
     return app
+
+
+class _InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a 500 in OpenAI's format. (Starlette's handler for
+    ``Exception`` answers and then raises again, so uvicorn closes the client's keep-alive connection;
+    this answers and stops there.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except Exception as e:
+            if started:   # too late for a status: end the response the only way left
+                raise
+            from fastapi.responses import JSONResponse
+            log.exception("request failed")
+            err = APIError(500, f"internal server error: {type(e).__name__}: {e}", code="internal_error",
+                           type_="server_error")
+            await JSONResponse(err.body(), status_code=500)(scope, receive, send)
+
+
+def client_id(request, key: bytes) -> int:
+    """Who sent ``request``, as a 48-bit number: its API key (the Authorization header) or, without one,
+    its address. A hash keyed by a per-server secret, so the number says nothing about the key."""
+    auth = request.headers.get("authorization")
+    who = f"key {auth}" if auth else f"addr {request.client.host if request.client else ''}"
+    return int.from_bytes(hashlib.blake2b(who.encode(), key=key, digest_size=6).digest(), "big")
+
+
+def _check_jobs(prompts: int, n: int, limits: Limits):
+    if prompts * n > limits.max_request_jobs:
+        raise APIError(400, f"this request asks for {prompts * n} completions ({prompts} prompts x n={n}); this "
+                            f"server allows at most {limits.max_request_jobs} per request (serve --max-request-jobs)",
+                       "n" if n > 1 else "prompt", "too_many_completions")
 
 
 def _model_card(served: Served) -> dict:
@@ -636,33 +812,38 @@ def _max_new(requested: int | None, n_prompt: int, limits: Limits) -> int:
     return requested
 
 
-def _stops(req, fmt: ChatFormat) -> tuple[str, ...]:
+def _stops(req, fmt: ChatFormat, limits: Limits) -> tuple[str, ...]:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stop) or len(stop) > 16:
-        raise APIError(400, "stop must be up to 16 non-empty strings", "stop", "invalid_value")
+    if len(stop) > limits.max_stops or any(not 0 < len(s) <= limits.max_stop_chars for s in stop):
+        raise APIError(400, f"stop must be up to {limits.max_stops} non-empty strings of at most "
+                            f"{limits.max_stop_chars} characters", "stop", "invalid_value")
     return tuple(stop) + fmt.stop_strings
 
 
 def _bias(req, vocab: int) -> dict[int, float]:
     out = {}
     for k, v in (req.logit_bias or {}).items():
-        if not k.isdigit() or int(k) >= vocab or not -100 <= v <= 100:
-            raise APIError(400, f"logit_bias needs token ids in [0, {vocab}) and biases in [-100, 100]; got {k}: {v}",
-                           "logit_bias", "invalid_value")
-        out[int(k)] = v
+        # ASCII digits only: "²".isdigit() is True but int("²") raises
+        t = int(k) if k.isascii() and k.isdigit() and len(k) <= 12 else -1
+        if not 0 <= t < vocab or not -100 <= v <= 100:
+            raise APIError(400, f"logit_bias needs token ids in [0, {vocab}) and biases in [-100, 100]; "
+                                f"got {k[:20]!r}: {v}", "logit_bias", "invalid_value")
+        out[t] = v
     return out
 
 
-async def _respond(request, engine: Engine, served: Served, req, prompts, max_new: int, chat: bool, tools: bool):
-    """Submit one job per (prompt, choice) and answer as one JSON body or as server-sent events."""
-    from fastapi.responses import JSONResponse, StreamingResponse
+async def _respond(request, engine: Engine, served: Served, req, prompts, max_new: int, chat: bool, tools: bool,
+                   client: int | None = None):
+    """Submit one job per (prompt, choice) and answer as one JSON body or as server-sent events. The jobs
+    are cancelled when the client goes away, whether the answer streams or not."""
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
 
     fmt = served.fmt
     try:
         sampling = Sampling(req.temperature, req.top_k, req.top_p, req.repetition_penalty, req.seed)
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
-    stops, bias = _stops(req, fmt), _bias(req, engine.model.config.vocab_size)
+    stops, bias = _stops(req, fmt, served.limits), _bias(req, engine.model.config.vocab_size)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -675,23 +856,26 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
     jobs = []
     for p, prompt in enumerate(prompts):
         for c in range(req.n):
+            # seed + c may pass 2**63 - 1: torch's generators take seeds up to 2**64 - 1
             s = sampling if req.seed is None or c == 0 else Sampling(
                 sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, req.seed + c)
             jobs.append(Job(prompt.ids, max_new, s, emit, fmt.stop_ids, stops, index=p * req.n + c,
                             boundaries=prompt.boundaries, logit_bias=bias,
                             presence_penalty=req.presence_penalty,
-                            frequency_penalty=req.frequency_penalty))
-    try:
-        engine.submit(jobs)
-    except Overloaded as e:
-        raise APIError(503, str(e), code="overloaded", type_="server_error") from None
-
+                            frequency_penalty=req.frequency_penalty, client=client))
     kind = "chatcmpl" if chat else "cmpl"
     rid = f"{kind}-{secrets.token_hex(12)}"
     created = int(time.time())
     prompt_tokens = sum(len(p.ids) for p in prompts)
     echo = getattr(req, "echo", False)
     prompt_texts = [p.text if p.text is not None else engine.decode(p.ids) for p in prompts] if echo else []
+    try:
+        engine.submit(jobs)
+    except RateLimited as e:
+        raise APIError(429, str(e), code="rate_limit_exceeded", type_="requests") from None
+    except Overloaded as e:
+        raise APIError(503, str(e), code="overloaded", type_="server_error") from None
+    watcher = asyncio.ensure_future(_watch_disconnect(request, queue))
 
     def usage(done: dict) -> dict:
         completion = sum(d[1] for d in done.values())
@@ -713,11 +897,16 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
                     texts[event[1]] += event[2]
                 elif event[0] == "end":
                     done[event[1]] = event[2:]
+                elif event[0] == "gone":
+                    cancel()
+                    return Response(status_code=499)   # nginx's "client closed request"; nobody reads it
                 else:
                     raise APIError(500, event[2], code="engine_error", type_="server_error")
         except BaseException:
             cancel()
             raise
+        finally:
+            watcher.cancel()
         choices = []
         for i in sorted(texts):
             finish = done[i][0]
@@ -759,6 +948,10 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
 
+    def failed(message: str) -> str:   # OpenAI's way: an error event, then the stream ends
+        err = APIError(500, message, code="engine_error", type_="server_error")
+        return f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
+
     async def events():
         done: dict[int, tuple] = {}
         held: dict[int, str] = {j.index: "" for j in jobs}   # text from a tool-call marker on, parsed at the end
@@ -770,10 +963,11 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
                     yield chunk([piece(j.index, prompt_texts[j.index // req.n])])
             while len(done) < len(jobs):
                 event = await queue.get()
+                if event[0] == "gone":
+                    return
                 i = event[1]
                 if event[0] == "error":
-                    err = APIError(500, event[2], code="engine_error", type_="server_error")
-                    yield f"data: {json.dumps(err.body())}\n\n"
+                    yield failed(event[2])
                     return
                 if event[0] == "text":
                     text = event[2]
@@ -797,12 +991,24 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
             if include_usage:
                 yield chunk([], usage(done))
             yield "data: [DONE]\n\n"
+        except Exception as e:   # the status is sent already: the error goes in the stream, the connection stays
+            log.exception("streaming a response failed")
+            yield failed(f"internal server error: {type(e).__name__}: {e}")
         finally:
-            if len(done) < len(jobs):   # the client went away: free the rows
+            watcher.cancel()
+            if len(done) < len(jobs):   # the client went away (or a job failed): free the rows
                 cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _watch_disconnect(request, queue: asyncio.Queue):
+    """Put ("gone",) on ``queue`` when the client disconnects. The body has been read, so the next ASGI
+    message is the disconnect (as Starlette's StreamingResponse listens for it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait(("gone",))
 
 
 def _hold_tool_calls(text: str) -> tuple[str, str]:
@@ -822,7 +1028,8 @@ def _hold_tool_calls(text: str) -> tuple[str, str]:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "", dtype: str = "auto",
           context: int = 0, max_new_tokens: int = 2048, max_batch: int = 16, max_queue: int = 256,
           max_body: str = "4MB", prefix_cache: str = "512MB", snapshot_every: int = 1024, threads: int = 0,
-          log_level: str = "info", quantize: str = "") -> int:
+          log_level: str = "info", quantize: str = "", max_request_jobs: int = 16, max_client_jobs: int = 64,
+          read_timeout: float = 30.0) -> int:
     """Serve a checkpoint over the OpenAI API on /v1 (chat completions with streaming and tools, completions,
     models; /health); prompt states are kept and reused. Ctrl-C stops it after open requests finish.
 
@@ -841,6 +1048,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
         max_new_tokens: largest max_tokens a request may ask for
         max_batch: requests decoded together
         max_queue: requests waiting or running before new ones get 503
+        max_request_jobs: completions (prompts x n) one request may ask for
+        max_client_jobs: completions one client (API key, else address) may have waiting or running before
+            its new requests get 429
+        read_timeout: seconds a client has to send a request's head, and then its body
         max_body: largest request body, e.g. 4MB
         prefix_cache: memory for saved prompt states, e.g. 512MB (0 turns reuse off)
         snapshot_every: also save the state every N tokens of a long prompt (0: only at message ends)
@@ -864,6 +1075,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
         raise CLIError(f"'{model}' is a preset (random weights, no tokenizer); serve a checkpoint directory")
     if not 1 <= port <= 65535:
         raise CLIError(f"--port must be in 1..65535, got {port}")
+    if min(max_request_jobs, max_client_jobs) < 1 or not read_timeout > 0:
+        raise CLIError("--max-request-jobs and --max-client-jobs must be >= 1, --read-timeout > 0")
     if threads:
         torch.set_num_threads(threads)
     m = load_model(model, dtype=parse_dtype(dtype), quantize=quantize)
@@ -872,12 +1085,58 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
     if context < 0 or context > cap:
         raise CLIError(f"--context must be in 1..{cap} (the model's max_position_embeddings), got {context}")
     limits = Limits(context=context or cap, max_new_tokens=max_new_tokens, max_batch=max_batch,
-                    max_queue=max_queue, max_body_bytes=parse_bytes(max_body), snapshot_every=snapshot_every)
+                    max_queue=max_queue, max_body_bytes=parse_bytes(max_body), snapshot_every=snapshot_every,
+                    max_request_jobs=max_request_jobs, max_client_jobs=max_client_jobs, read_timeout=read_timeout)
     budget = parse_bytes(prefix_cache)
     store = PrefixCache(budget) if budget > 0 else None
     served_name = name or Path(model).resolve().name
     app = create_app(m, name=served_name, chat_format=fmt, limits=limits, prefix_cache=store)
     print(f"serving {served_name} on http://{host}:{port}/v1 (chat template: {fmt.template.origin}; "
           f"context {limits.context}; prefix cache {prefix_cache if store is not None else 'off'})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+                http=http_protocol(limits.read_timeout))
     return 0
+
+
+def http_protocol(head_timeout: float):
+    """uvicorn's h11 protocol with a deadline on each request's head (request line and headers).
+
+    uvicorn times out only idle keep-alive connections, and not once a byte has come: a client that sends
+    half a request line holds its connection for ever. The deadline runs from the connection (or the
+    first byte after a response) to the complete head; the body has its own (``Limits.read_timeout``,
+    in ``read_json``)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes):
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()   # the head is in: the app is reading the body or answering
+            else:
+                self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(head_timeout, self._expire)
+
+        def _disarm(self):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expire(self):
+            self._head_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedH11

@@ -33,10 +33,10 @@ CONTEXT = 512
 class LiveServer:
     """uvicorn in a background thread on 127.0.0.1, on a port the OS picks."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         import uvicorn
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    timeout_graceful_shutdown=20))
+                                                    timeout_graceful_shutdown=20, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
