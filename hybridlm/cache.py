@@ -95,9 +95,11 @@ class Cache:
         return {"kv": kv, "conv": conv, "ssm": ssm, "total": kv + conv + ssm}
 
     # ---- snapshots: save, fork, roll back -----------------------------------------------------
-    def snapshot(self, logits: torch.Tensor | None = None) -> "Snapshot":
+    def snapshot(self, logits: torch.Tensor | None = None, model=None) -> "Snapshot":
         """A copy of the state after ``pos`` tokens (attention buffers trimmed to ``pos``), plus the
-        logits the state ended on, so generation can continue from it without re-reading anything."""
+        logits the state ended on, so generation can continue from it without re-reading anything.
+        ``model``: the model that wrote this cache; when given, the snapshot also records a hash of all
+        its weights (``weights_fingerprint``), which ``Snapshot.check`` then requires to match."""
         tensors = {}
         for k, t in self.tensors().items():
             s = self.layers[int(k.split(".")[1])] if k.startswith("layers.") else None
@@ -107,12 +109,30 @@ class Cache:
         if logits is not None:
             tensors["logits"] = logits.detach().clone()
         dtype = next(t.dtype for k, t in tensors.items() if k.endswith((".conv", ".k")))
-        return Snapshot(tensors, {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "pos": str(self.pos),
-                                  "batch": str(self.batch), "dtype": str(dtype).removeprefix("torch.")})
+        meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "pos": str(self.pos),
+                "batch": str(self.batch), "dtype": str(dtype).removeprefix("torch.")}
+        if model is not None:
+            meta["weights"] = weights_fingerprint(model)
+        return Snapshot(tensors, meta)
+
+    def _layout(self, pos: int) -> dict:
+        """What a snapshot of this cache after ``pos`` positions holds (see ``_state_layout``)."""
+        out = {"valid": ((self.batch, pos), torch.bool), "seen": ((self.batch,), torch.long)}
+        for i, s in enumerate(self.layers):
+            if isinstance(s, MambaState):
+                out[f"layers.{i}.conv"] = (tuple(s.conv.shape), s.conv.dtype)
+                out[f"layers.{i}.ssm"] = (tuple(s.ssm.shape), s.ssm.dtype)
+            else:
+                b, h, _, d = s.k.shape
+                slots = pos if s.window is None else (min(pos, s.window), s.window)
+                out[f"layers.{i}.k"] = out[f"layers.{i}.v"] = ((b, h, slots, d), s.k.dtype)
+        return out
 
     def restore(self, snap: "Snapshot"):
-        """Roll this cache back (or forward) to ``snap``, in place."""
-        pos, batch = int(snap.meta["pos"]), int(snap.meta["batch"])
+        """Roll this cache back (or forward) to ``snap``, in place. Every state tensor is checked
+        (present, shape, dtype, finite) before anything is written, so a refused snapshot leaves the
+        cache as it was."""
+        pos, batch = _meta_int(snap.meta, "pos"), _meta_int(snap.meta, "batch")
         if snap.meta.get("fingerprint") != self.fingerprint:
             raise ValueError("snapshot was taken from a different model (fingerprint "
                              f"{snap.meta.get('fingerprint')} != {self.fingerprint}); load it into the model "
@@ -120,6 +140,8 @@ class Cache:
         if batch != self.batch or pos > self.max_len:
             raise ValueError(f"snapshot holds batch {batch} x {pos} positions; this cache is batch {self.batch} "
                              f"x {self.max_len}")
+        _check_layout(_specs(snap.tensors), self._layout(pos), "snapshot")
+        _check_values(snap.tensors, "snapshot")
         own = self.tensors()
         for k, t in snap.tensors.items():
             if k == "logits":
@@ -131,17 +153,179 @@ class Cache:
                 self.seen.copy_(t)
             elif own[k].shape == t.shape:
                 own[k].copy_(t)
-            else:  # a full-attention buffer saved trimmed to pos
-                own[k][:, :, :pos].copy_(t)
+            else:
+                # a full-attention buffer saved trimmed to pos, or a local ring that never wrapped
+                # (pos <= its slots, checked above) saved from a cache of another length
+                own[k][:, :, :pos].copy_(t[:, :, :pos])
         self.pos = pos
 
 
 SNAPSHOT_FORMAT = "hybridlm-snapshot-1"
+# decimal digits a snapshot header's pos/batch may have: far past any real state, far below int64
+_MAX_DIGITS = 12
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 over the config and every byte of every parameter and buffer (names, dtypes, shapes
+    included): two models share it only if their configs and all their weights are identical. Snapshots
+    record it and refuse to load into a model whose weights differ anywhere (``HybridLM.fingerprint``
+    samples about 64 values per tensor, which misses a change elsewhere).
+
+    Streamed one tensor at a time (GPU tensors in 64 MiB pieces), about 1.5 GB/s on one CPU core;
+    cached on the model and recomputed only when a tensor is replaced or modified in place (the key is
+    each tensor's storage address and autograd version counter; tensors made under
+    ``torch.inference_mode`` have no counter, so for them only replacement is noticed)."""
+    import hashlib
+
+    def version(t):
+        try:
+            return t._version
+        except RuntimeError:      # an inference tensor
+            return -1
+    tensors = list(model.state_dict(keep_vars=True).items())
+    key = tuple((t.data_ptr(), version(t)) for _, t in tensors)
+    cached = getattr(model, "_weights_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    seen: dict[tuple, str] = {}
+    for name, t in tensors:
+        t = t.detach()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        alias = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and alias in seen:          # a tied weight: hashed once, named twice
+            h.update(f"={seen[alias]}".encode())
+            continue
+        seen[alias] = name
+        flat = t.contiguous().view(-1)
+        step = max(1, (64 << 20) // max(1, flat.element_size()))
+        for i in range(0, flat.numel(), step):
+            piece = flat[i:i + step].cpu()
+            h.update(piece.view(torch.uint8).numpy() if piece.dtype != torch.bool else piece.numpy())
+    digest = h.hexdigest()[:32]
+    model._weights_fingerprint = (key, digest)
+    return digest
+
+
+def _meta_int(meta: dict, key: str) -> int:
+    """A header's ``pos``/``batch``: a plain decimal string of a sane length (a hostile header cannot
+    make anything allocate from it: shapes are checked against the tensors first)."""
+    v = meta.get(key)
+    if not isinstance(v, str) or not v.isascii() or not v.isdigit() or len(v) > _MAX_DIGITS:
+        raise ValueError(f"snapshot header: {key} must be a non-negative integer of at most {_MAX_DIGITS} "
+                         f"digits, got {v!r}")
+    return int(v)
+
+
+def _specs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+
+
+def _state_layout(cfg, batch: int, pos: int, dtype: torch.dtype) -> dict:
+    """Every state tensor a snapshot of a ``cfg`` model after ``pos`` positions holds: name -> (shape,
+    dtype), as ``Cache.allocate`` builds them. A local-attention layer's slot count is a range (lo, hi):
+    its ring of ``sliding_window`` slots, or fewer when its cache was shorter than the window (a ring
+    that cannot have wrapped, so it holds at least the ``pos`` positions written)."""
+    out = {"valid": ((batch, pos), torch.bool), "seen": ((batch,), torch.long)}
+    for i in range(cfg.num_hidden_layers):
+        kind = cfg.mixer(i)
+        if kind == "mamba":
+            out[f"layers.{i}.conv"] = ((batch, cfg.d_inner, cfg.mamba_d_conv - 1), dtype)
+            out[f"layers.{i}.ssm"] = ((batch, cfg.d_inner, cfg.mamba_d_state), torch.float32)
+        else:
+            w = cfg.sliding_window
+            slots = pos if kind == "attention" else (min(pos, w), w)
+            out[f"layers.{i}.k"] = out[f"layers.{i}.v"] = (
+                (batch, cfg.num_key_value_heads, slots, cfg.head_size), dtype)
+    return out
+
+
+def _check_layout(found: dict, expected: dict, what: str, logits_shape: tuple | None = None):
+    """Refuse (ValueError, listing the first problems) unless ``found`` (name -> (shape, dtype)) holds
+    exactly the ``expected`` tensors with their shapes and dtypes, plus optionally ``logits``."""
+    def fits(got, want):
+        return want[0] <= got <= want[1] if isinstance(want, tuple) else got == want
+
+    def name(dtype):
+        return str(dtype).removeprefix("torch.")
+
+    problems = []
+    missing = [k for k in expected if k not in found]
+    if missing:
+        problems.append(f"missing state tensors ({len(missing)}): {', '.join(missing[:6])}")
+    extra = [k for k in found if k not in expected and k != "logits"]
+    if extra:
+        problems.append(f"unexpected tensors ({len(extra)}): {', '.join(extra[:6])}")
+    for k, (shape, dtype) in expected.items():
+        if k not in found:
+            continue
+        got_shape, got_dtype = found[k]
+        if len(got_shape) != len(shape) or not all(map(fits, got_shape, shape)):
+            want = ", ".join(f"{w[0]}..{w[1]}" if isinstance(w, tuple) else str(w) for w in shape)
+            problems.append(f"{k}: shape {list(got_shape)}, expected [{want}]")
+        elif got_dtype != dtype:
+            problems.append(f"{k}: dtype {name(got_dtype)}, expected {name(dtype)}")
+    if "logits" in found:
+        shape, dtype = found["logits"]
+        if not dtype.is_floating_point or len(shape) != 2 or (logits_shape and tuple(shape) != logits_shape):
+            problems.append(f"logits: {name(dtype)} {list(shape)}, expected floating point "
+                            f"{list(logits_shape) if logits_shape else '[batch, vocab]'}")
+    if problems:
+        raise ValueError(f"{what} does not match the model's state layout: " + "; ".join(problems[:8]))
+
+
+def _check_header(meta: dict, specs: dict, model=None, what: str = "snapshot"):
+    """The header against the tensors (``specs``: name -> (shape, dtype), from memory or from a file's
+    header) and, with ``model``, against the model: dtype, fingerprints, and every state tensor's shape
+    and dtype as its config builds them. Reads no tensor data (the weights hash is cached on the model)."""
+    for k in ("fingerprint", "dtype"):
+        if not isinstance(meta.get(k), str):
+            raise ValueError(f"{what}: the snapshot header has no {k!r}")
+    pos, batch = _meta_int(meta, "pos"), _meta_int(meta, "batch")
+    where = f"{what} (header: pos {pos}, batch {batch})"
+    if batch < 1:
+        raise ValueError(f"{where}: a state has at least one row")
+    if model is None:           # without the model: the two tensors whose shapes the header alone fixes
+        base = {"valid": ((batch, pos), torch.bool), "seen": ((batch,), torch.long)}
+        _check_layout({k: specs[k] for k in base if k in specs}, base, where)
+        return
+    want_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if meta["dtype"] != want_dtype:
+        raise ValueError(f"snapshot state is {meta['dtype']} but the model runs in {want_dtype}; "
+                         f"load the model with dtype={meta['dtype']}")
+    if meta["fingerprint"] != model.fingerprint():
+        raise ValueError("snapshot was taken from a different model (config or weights differ: fingerprint "
+                         f"{meta['fingerprint']} != {model.fingerprint()})")
+    if "weights" in meta and meta["weights"] != weights_fingerprint(model):
+        raise ValueError("snapshot was taken from a different model: its weights differ (hash of every weight "
+                         f"{meta['weights']} != {weights_fingerprint(model)})")
+    cfg = model.config
+    if pos > cfg.max_position_embeddings:
+        raise ValueError(f"{where}: more positions than the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    _check_layout(specs, _state_layout(cfg, batch, pos, getattr(torch, want_dtype)), where,
+                  logits_shape=(batch, cfg.vocab_size))
+
+
+def _check_values(tensors: dict[str, torch.Tensor], what: str):
+    """Refuse NaN/inf state and position counters that contradict the validity mask."""
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: {k} holds NaN or infinite values; the state is corrupt")
+    valid, seen = tensors["valid"], tensors["seen"]
+    if not torch.equal(valid.sum(1), seen):
+        raise ValueError(f"{what}: seen {seen.tolist()[:8]} does not count the valid positions "
+                         f"{valid.sum(1).tolist()[:8]} of each row; the state is corrupt")
 
 
 @dataclass
 class Snapshot:
-    """The whole inference state after a prompt: tensors by name plus a small string header."""
+    """The whole inference state after a prompt: tensors by name plus a small string header.
+
+    Header: ``format``, ``fingerprint`` (``HybridLM.fingerprint``), ``weights`` (``weights_fingerprint``,
+    when the snapshot was taken with the model), ``pos``, ``batch``, ``dtype``; callers may add string
+    fields (a chat's conversation). Nothing is allocated from the header: ``pos``/``batch`` are checked
+    against the tensors, and the tensors against the model's config, before a cache is built."""
     tensors: dict[str, torch.Tensor]
     meta: dict[str, str]
 
@@ -168,26 +352,42 @@ class Snapshot:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path) -> "Snapshot":
+    def load(cls, path, model=None) -> "Snapshot":
+        """Read a snapshot file. Its header (pos, batch) is checked against the shapes the file declares
+        before any tensor is read, so a refused header costs no allocation. With ``model``, the file is
+        checked as ``check`` does: dtype, fingerprints and every shape against the model before reading,
+        the values after."""
         from .safetensors_io import SafeTensorsFile
-        f = SafeTensorsFile(path)
-        if f.metadata.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"{path} is not a hybridlm state snapshot (format {f.metadata.get('format')!r})")
-        return cls({k: f.get(k).clone() for k in f.keys()}, dict(f.metadata))
+        try:
+            f = SafeTensorsFile(path)
+            specs = {k: (f.shape(k), f.dtype(k)) for k in f.keys()}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+        meta = f.metadata
+        if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path} is not a hybridlm state snapshot (format "
+                             f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        bad = [k for k, v in meta.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{path}: snapshot header fields must be strings: {', '.join(bad[:5])}")
+        _check_header(meta, specs, model, str(path))
+        snap = cls({k: f.get(k).clone() for k in f.keys()}, dict(meta))
+        if model is not None:
+            _check_values(snap.tensors, str(path))
+        return snap
 
     def check(self, model):
-        """Refuse a snapshot of another model or dtype, saying which."""
-        want_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        if self.meta["dtype"] != want_dtype:
-            raise ValueError(f"snapshot state is {self.meta['dtype']} but the model runs in {want_dtype}; "
-                             f"load the model with dtype={self.meta['dtype']}")
-        if self.meta["fingerprint"] != model.fingerprint():
-            raise ValueError("snapshot was taken from a different model (config or weights differ: fingerprint "
-                             f"{self.meta['fingerprint']} != {model.fingerprint()})")
+        """Refuse a snapshot of another model or dtype, a header that contradicts its tensors or the
+        model's config, a missing or misshapen state tensor, or NaN/inf state, saying which. Allocates
+        nothing the size of a cache."""
+        _check_header(self.meta, _specs(self.tensors), model)
+        _check_values(self.tensors, "snapshot")
 
     def to_cache(self, model, max_len: int | None = None) -> "Cache":
-        """A new cache holding this state (fork: call it as often as needed), room for ``max_len`` tokens."""
-        self.check(model)
+        """A new cache holding this state (fork: call it as often as needed), room for ``max_len`` tokens.
+        The header and every tensor's shape are checked against the model before the cache is
+        allocated, and the values (``restore``) before anything is written into it."""
+        _check_header(self.meta, _specs(self.tensors), model)
         cache = model.new_cache(int(self.meta["batch"]), max(max_len or 0, self.pos))
         cache.restore(self)
         return cache

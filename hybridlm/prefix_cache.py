@@ -34,8 +34,8 @@ class PrefixCache:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_BUDGET):
-        if max_bytes < 0:
-            raise ValueError(f"prefix cache budget must be >= 0 bytes, got {max_bytes}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"prefix cache budget must be a whole number of bytes >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[int, ...], Snapshot] = OrderedDict()
         self._bytes = 0
@@ -150,7 +150,7 @@ class PrefillJob:
             if end == self._cuts[0]:
                 self._cuts.pop(0)
                 if self.store is not None:
-                    self.store.store(self.tokens[:end], self.cache.snapshot(self.logits))
+                    self.store.store(self.tokens[:end], self.cache.snapshot(self.logits, self.model))
         return done
 
     def run(self) -> PrefillJob:
@@ -167,6 +167,6 @@ def remember_reply(model, cache: Cache, tokens: Sequence[int], last: int, store:
     if tokens[-1] != last:
         raise ValueError("the token list must end with the last sampled token")
     logits = decode_step(model, cache, torch.tensor([last], device=cache.valid.device))
-    snap = cache.snapshot(logits)
+    snap = cache.snapshot(logits, model)
     store.store(tokens, snap)
     return snap

@@ -15,6 +15,14 @@ The output directory is at every checkpoint a HuggingFace-format checkpoint (con
 model.safetensors, tokenizer files) plus ``train_state.pt`` (optimizer, scheduler, RNG, data position),
 ``metrics.jsonl`` and ``loss.png``. Resuming restores all of it and reproduces the uninterrupted
 run's losses exactly.
+
+Each file is replaced in one rename, but a checkpoint is several files: ``train_state.pt`` first (the
+one file ``--resume`` reads), then the exported model. A run killed between the two renames leaves the
+export one checkpoint behind (or absent); ``--resume`` compares the export with the state's weights
+and re-exports it when they differ, and removes the temporary files a killed save leaves. The output
+directory must be empty, this run's own (``train_state.pt``, or what a run leaves before its first
+checkpoint), or given up with ``--overwrite``: a checkpoint from elsewhere is never silently mixed
+with this run's files.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -40,6 +49,18 @@ from .model import HybridLM
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# every file a run writes into --out; each is written as NAME.tmp and renamed (loss.png as loss.png.tmp.png)
+_RUN_FILES = (STATE_FILE, METRICS_FILE, "loss.png", "config.json", "model.safetensors",
+              "model.safetensors.index.json", *_TOKENIZER_FILES)
+_TEMP_FILES = tuple(f"{name}.tmp" for name in _RUN_FILES) + ("loss.png.tmp.png",)
+# what a run killed before its first checkpoint leaves (nothing of value: no weights, no state)
+_EARLY_FILES = (METRICS_FILE, "loss.png", *_TOKENIZER_FILES, *_TEMP_FILES)
+# the files of a checkpoint directory that --overwrite removes, so that none of the old checkpoint (a
+# weight shard, its chat template, its generation config) is left beside the new one
+_CHECKPOINT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
+                     "config.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+                     "added_tokens.json", *_RUN_FILES, *_TEMP_FILES)
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,6 +102,8 @@ class TrainConfig:
         save_every: checkpoint every N steps (and at the end)
         seed: seed of the initial weights and of the data order
         resume: continue the run in OUT from its last checkpoint
+        overwrite: replace what OUT holds (another run, or a checkpoint from elsewhere, including the
+            --init checkpoint itself); without it a non-empty OUT that is not this run's is refused
         parallel: under torchrun: ddp or fsdp (FSDP2)
         threads: torch CPU threads per process; 0: torch's default
         cache_dir: token and tokenizer cache; default $HYBRIDLM_CACHE or ~/.cache/hybridlm
@@ -94,6 +117,7 @@ class TrainConfig:
         hybridlm train --preset tiny --data ./my_texts --steps 1000 --save-every 100 --out runs/mine
         hybridlm train --init runs/tiny --data notes.jsonl --text-field body --lr 3e-4 --steps 200 --out runs/ft
         hybridlm train --out runs/quickstart --steps 300 --resume
+        hybridlm train --init runs/tiny --data notes.txt --steps 50 --out runs/tiny --overwrite
         torchrun --nproc_per_node 2 -m hybridlm train --preset tiny --parallel fsdp --out runs/ddp
     """
     out: str = "runs/tiny"
@@ -121,6 +145,7 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     parallel: str = "ddp"
     threads: int = 0
     cache_dir: str = ""
@@ -140,7 +165,14 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.grad_clip >= 0, f"--grad-clip cannot be negative (0 turns clipping off), got {self.grad_clip}")
-        need(self.activation_loss >= 0, f"--activation-loss cannot be negative, got {self.activation_loss}")
+        need(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}")
+        need(0 <= self.activation_loss < math.inf,
+             f"--activation-loss must be a number >= 0 (0 turns it off), got {self.activation_loss}")
+        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        need(abs(self.seed) < 2 ** 32, f"--seed must be in -4294967295..4294967295, got {self.seed}")
+        cores = os.cpu_count() or 1
+        need(self.threads <= cores, f"--threads {self.threads} exceeds the {cores} CPU cores of this machine "
+                                    f"(more threads than cores only slows torch down); 0 picks torch's default")
         need(self.dtype in ("bf16", "fp32", "auto"), f"--dtype must be bf16, fp32 or auto, got {self.dtype!r}")
         need(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         need(self.init or self.preset in PRESETS,
@@ -149,8 +181,8 @@ class TrainConfig:
     # Flags that may differ on --resume: those that change how a run is carried out, not what it
     # computes (micro_batch changes the split of the global batch, so losses agree only to rounding),
     # and --steps, to extend a run (a note says that the schedule changes from there).
-    RESUME_MAY_CHANGE = ("out", "resume", "steps", "save_every", "eval_every", "threads", "cache_dir", "plot",
-                         "sample_tokens", "sample_prompt", "progress", "micro_batch", "parallel")
+    RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "steps", "save_every", "eval_every", "threads", "cache_dir",
+                         "plot", "sample_tokens", "sample_prompt", "progress", "micro_batch", "parallel")
 
 
 def parse_overrides(text: str) -> dict:
@@ -238,10 +270,14 @@ class Trainer:
         self.model_config = self._model_config()
         self._prepare_data()
         self._build_model()
+        self._check_sample_tokens()
         self.start_step = 0
         self.tokens_seen = 0
         self.train_time = 0.0
         self.last_saved = -1
+        if self.d.main:                # after _build_model: with --init X --out X, X has been read
+            self._tidy_out()
+        self.d.barrier()
         if self.state is not None:
             self._restore(self.state)
             self.state = None          # the tensors now live in the model and optimizer
@@ -251,14 +287,24 @@ class Trainer:
         """The saved state of a run being resumed (None for a fresh run), after checking that the
         flags describe the same computation."""
         cfg, path = self.cfg, self.out / STATE_FILE
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file; give a directory")
         if not path.exists():
+            self._check_out_is_free()
             if cfg.resume:
                 self.log(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
             return None
         if not cfg.resume:
+            if cfg.overwrite:
+                self.log(f"--overwrite: the training run in {self.out} is replaced by this one")
+                return None
             raise ValueError(f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
-                             f"continue it, or choose another --out")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+                             f"continue it, --overwrite to replace it, or choose another --out")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+            raise ValueError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is damaged. "
+                             f"Start over with --overwrite, or choose another --out") from None
         saved = state["config"]
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
                    for k, v in dataclasses.asdict(cfg).items()
@@ -270,8 +316,85 @@ class Trainer:
         if changed:
             raise ValueError(f"--resume: this run's flags differ from the checkpoint's in {self.out}, which "
                              f"would not continue the same training: {'; '.join(changed)}. Rerun with the "
-                             f"original values, or start a new run with another --out")
+                             f"original values, or start a new run with another --out (or replace this one: "
+                             f"--overwrite without --resume)")
         return state
+
+    def _check_out_is_free(self):
+        """Refuse a non-empty --out that holds no run of this trainer (a checkpoint from elsewhere, the
+        --init checkpoint itself) unless --overwrite: writing there would mix its files with ours."""
+        cfg = self.cfg
+        names = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
+        if not names or cfg.overwrite:
+            return
+        init_here = bool(cfg.init) and Path(cfg.init).resolve() == self.out.resolve()
+        early = METRICS_FILE in names and all(n in _EARLY_FILES and (self.out / n).is_file() for n in names)
+        if early and not init_here:  # a run stopped before its first checkpoint: nothing of value to lose
+            return
+        if init_here:
+            what = (f"--out {self.out} is the --init checkpoint itself: training would overwrite the "
+                    f"checkpoint it starts from")
+        else:
+            shown = ", ".join(names[:6]) + (f", ... ({len(names)} entries)" if len(names) > 6 else "")
+            what = (f"--out {self.out} is not empty ({shown}) and holds no training run of its own ({STATE_FILE}); "
+                    f"writing there would leave its files mixed with this run's checkpoint")
+        raise ValueError(f"{what}. Choose another --out, or pass --overwrite to replace what it holds")
+
+    def _check_sample_tokens(self):
+        """--sample-tokens must fit the model's context (the sample's cache is allocated for it)."""
+        cfg, cap = self.cfg, self.model_config.max_position_embeddings
+        if cfg.sample_tokens and len(self.tokenizer.encode(cfg.sample_prompt)) + cfg.sample_tokens > cap:
+            raise ValueError(f"--sample-tokens {cfg.sample_tokens} plus the --sample-prompt does not fit the model's "
+                             f"context of {cap} tokens (max_position_embeddings); lower --sample-tokens")
+
+    def _tidy_out(self):
+        """Rank 0, before training: remove temporary files a killed save left; with --overwrite, the
+        replaced checkpoint's files; on --resume, repair an export (and metrics.jsonl) the last save did
+        not finish."""
+        if not self.out.is_dir():
+            return
+        doomed = [self.out / n for n in _TEMP_FILES]
+        if self.state is None and self.cfg.overwrite:
+            if self.cfg.init and Path(self.cfg.init).resolve() == self.out.resolve():
+                # fine-tuning in place: the starting checkpoint stays until the first save replaces it
+                # (a run stopped before then loses nothing); only another run's state and logs go
+                doomed += [self.out / n for n in (STATE_FILE, METRICS_FILE, "loss.png")]
+            else:
+                doomed += [p for g in _CHECKPOINT_GLOBS for p in self.out.glob(g)]
+        for p in doomed:
+            if p.is_file():
+                p.unlink()
+        if self.state is not None:
+            self._repair_export(self.state)
+            _truncate_metrics(self.out / METRICS_FILE, self.state["step"])
+
+    def _repair_export(self, state: dict):
+        """Re-export the model from ``state`` unless config.json and model.safetensors already hold
+        exactly its weights: ``save`` renames train_state.pt first, so a run killed before the model's
+        rename leaves the export one checkpoint behind (or, at the first save, absent)."""
+        if self._export_matches(state["model"]):
+            return
+        _plain_model(self.model_config, state["model"]).save_pretrained(self.out)
+        self.log(f"--resume: the exported model in {self.out} was not the one of {STATE_FILE} (step {state['step']}): "
+                 f"the last save was interrupted; re-exported it")
+
+    def _export_matches(self, msd: dict) -> bool:
+        """Whether the exported checkpoint in OUT is config + ``msd`` exactly (one read of its weights)."""
+        from .safetensors_io import SafeTensorsFile
+        config, weights = self.out / "config.json", self.out / "model.safetensors"
+        if not (config.is_file() and weights.is_file()) or (self.out / "model.safetensors.index.json").exists():
+            return False
+        try:
+            if HybridConfig.from_json(config) != self.model_config:
+                return False
+            f = SafeTensorsFile(weights)
+        except (ValueError, OSError):
+            return False
+        tied = self.model_config.tie_word_embeddings
+        want = {k: v for k, v in msd.items() if not (tied and k == "lm_head.weight")}
+        return set(f.keys()) == set(want) and all(
+            f.dtype(k) == v.dtype and f.shape(k) == tuple(v.shape) and torch.equal(f.get(k), v)
+            for k, v in want.items())
 
     def _prepare_tokenizer(self):
         """From OUT (resume), --tokenizer, the --init checkpoint, or trained on the corpus (rank 0
@@ -666,18 +789,39 @@ def sample(model: HybridLM, tokenizer, prompt: str, max_new_tokens: int, tempera
     return prompt + tokenizer.decode(new)
 
 
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each row of metrics.jsonl. A torn last line (a run killed while writing it) is
+    left out; a bad line elsewhere is a ValueError that says which."""
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1)
+             if line.strip()]
+    out = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {n} is not a metrics row ({line[:80]!r}); remove the line (or move "
+                             f"the file away) and rerun")
+        out.append((line, row))
+    return out
+
+
 def _truncate_metrics(path: Path, step: int):
-    """Drop lines logged after ``step`` (a killed run logs past its last checkpoint)."""
+    """Drop lines logged after ``step`` (a killed run logs past its last checkpoint) and a torn last line."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line, row in _metric_lines(path) if row["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl (of a running or killed run too: a torn last line is left out)."""
+    return [row for _, row in _metric_lines(Path(path))]
 
 
 def plot_metrics(metrics: str | Path, png: str | Path):

@@ -192,6 +192,142 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(setup, tmp_path):
         read_metrics(state.parent / "metrics.jsonl")[-1]["val_loss"], abs=1e-6)
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL inside a save: no ``except Exception`` handler can swallow it."""
+
+
+def kill_between_state_and_model(monkeypatch, at_step: int):
+    """os.replace that 'kills' the run once train_state.pt of ``at_step`` is renamed, just before the
+    exported model.safetensors is: the window between a checkpoint's two renames."""
+    real, saved = os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).name == "model.safetensors" and saved and saved[-1] == at_step:
+            raise Killed
+        real(src, dst)
+        if Path(dst).name == "train_state.pt":
+            saved.append(torch.load(dst, weights_only=True)["step"])
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def model_file_equals_state(out: Path) -> bool:
+    """model.safetensors holds exactly the weights of train_state.pt (a tied lm_head is stored once)."""
+    from hybridlm.safetensors_io import SafeTensorsFile
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    want = dict(state["model"])
+    if state["model_config"].get("tie_word_embeddings"):
+        want.pop("lm_head.weight", None)
+    f = SafeTensorsFile(out / "model.safetensors")
+    return set(f.keys()) == set(want) and all(torch.equal(f.get(k), v) for k, v in want.items())
+
+
+@pytest.mark.parametrize("steps", [2, 4], ids=["only-save", "last-of-two-saves"])
+def test_a_kill_between_the_state_and_model_renames_is_repaired_on_resume(setup, tmp_path, monkeypatch, capsys,
+                                                                         steps):
+    """train_state.pt (step N) is renamed, the exported model is not: --resume at step N of N used to
+    say 'nothing to do' and leave the export stale (or absent) beside an orphaned model.safetensors.tmp."""
+    cfg = config(setup, tmp_path / "run", steps=steps, save_every=2, eval_every=0)
+    kill_between_state_and_model(monkeypatch, at_step=steps)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.undo()
+    out = Path(cfg.out)
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == steps
+    assert (out / "model.safetensors.tmp").exists()                    # the window is real
+    assert not (out / "model.safetensors").exists() or not model_file_equals_state(out)
+    capsys.readouterr()
+    assert train(config(setup, out, steps=steps, save_every=2, eval_every=0, resume=True))["step"] == steps
+    assert "re-exported" in capsys.readouterr().out
+    assert model_file_equals_state(out)
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    HybridLM.from_pretrained(out)                                       # a complete checkpoint
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, steps + 1))
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(setup, tmp_path):
+    cfg = config(setup, tmp_path / "torn", steps=2, save_every=2, eval_every=0)
+    train(cfg)
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 2.71')                            # killed while writing step 3's row
+    assert read_metrics(metrics)[-1]["step"] == 2                       # readers skip it too
+    train(config(setup, cfg.out, steps=2, save_every=2, eval_every=0, resume=True))   # nothing to do, but:
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]   # repaired
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "lo')
+    train(config(setup, cfg.out, steps=3, save_every=2, eval_every=0, resume=True))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')         # damage elsewhere: a clear error
+    with pytest.raises(ValueError, match="line 2 is not a metrics row"):
+        train(config(setup, cfg.out, steps=4, save_every=2, eval_every=0, resume=True))
+
+
+def snapshot_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_an_out_that_is_not_this_runs_is_refused_unless_overwrite(setup, cli_run, tmp_path, capsys):
+    base, _ = cli_run
+    # a checkpoint from elsewhere, with files this run would not write (a chat template, a generation config)
+    foreign = tmp_path / "foreign"
+    HybridLM(preset("tiny", num_hidden_layers=2, layout="mA", vocab_size=64)).init_weights(3).save_pretrained(foreign)
+    (foreign / "chat_template.jinja").write_text("{{ messages }}")
+    (foreign / "generation_config.json").write_text('{"eos_token_id": 7}')
+    before = snapshot_of(foreign)
+    cfg = config(setup, foreign, steps=2, save_every=2, eval_every=0)
+    capsys.readouterr()
+    assert cli_main(cli_flags(cfg)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not empty" in err and "--overwrite" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert snapshot_of(foreign) == before                                # untouched
+    train(config(setup, foreign, steps=2, save_every=2, eval_every=0, overwrite=True))
+    names = {p.name for p in foreign.iterdir()}
+    assert "chat_template.jinja" not in names and "generation_config.json" not in names   # no mixed checkpoint
+    assert model_file_equals_state(foreign) and HybridLM.from_pretrained(foreign).config.vocab_size == 400
+
+    # --init X --out X: X is read, then overwritten; refused without --overwrite
+    x = tmp_path / "x"
+    x.mkdir()
+    for p in base.iterdir():
+        if p.name not in ("train_state.pt", "metrics.jsonl", "loss.png"):
+            (x / p.name).write_bytes(p.read_bytes())
+    before = snapshot_of(x)
+    in_place = dict(init=str(x), overrides="", steps=2, save_every=2, eval_every=0, lr=1e-12)
+    with pytest.raises(ValueError, match="is the --init checkpoint itself"):
+        train(config(setup, x, **in_place))
+    assert snapshot_of(x) == before
+    train(config(setup, x, overwrite=True, **in_place))
+    assert model_file_equals_state(x)
+    tuned, original = HybridLM.from_pretrained(x), HybridLM.from_pretrained(base)
+    torch.testing.assert_close(tuned.lm_head.weight, original.lm_head.weight, atol=1e-7, rtol=0)  # from its own weights
+
+    # what a run stopped before its first checkpoint leaves is this run's to continue, not a foreign checkpoint
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')
+    (early / "model.safetensors.tmp").write_bytes(b"partial")
+    train(config(setup, early, steps=2, save_every=2, eval_every=0))
+    assert model_file_equals_state(early) and not (early / "model.safetensors.tmp").exists()
+
+
+def test_numeric_flags_out_of_range_are_one_line_errors(setup, tmp_path, capsys):
+    bad = [("weight_decay", float("inf")), ("activation_loss", float("inf")), ("val_fraction", float("inf")),
+           ("threads", 10 ** 8), ("seed", 10 ** 30)]
+    for name, value in bad:
+        flags = cli_flags(config(setup, tmp_path / "never"))
+        i = flags.index("--" + name.replace("_", "-"))
+        flags[i + 1] = "1e400" if isinstance(value, float) else str(value)
+        capsys.readouterr()
+        assert cli_main(flags) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert f"--{name.replace('_', '-')}" in err and len(err.splitlines()) == 1, err
+    # a sample longer than the model's context would allocate its cache only after training: refused first
+    cfg = config(setup, tmp_path / "sample", sample_tokens=10 ** 8)
+    assert cli_main(cli_flags(cfg)) == 2
+    assert "--sample-tokens 100000000" in capsys.readouterr().err
+    assert not (tmp_path / "sample" / "train_state.pt").exists()
+
+
 # ---- divergence --------------------------------------------------------------------------------
 def test_nan_stops_with_a_clear_message_and_a_loadable_checkpoint(setup, tmp_path, monkeypatch, capsys):
     original, calls = HybridLM.loss, []
