@@ -4,6 +4,9 @@ Loading builds the model on the meta device and materialises one tensor at a tim
 memory-mapped safetensors files, so peak memory is the model plus one tensor, not twice the model.
 Pickle files (pytorch_model*.bin) can run code when loaded; they are refused unless the caller opts
 in with ``allow_pickle=True`` (and then read with ``torch.load(weights_only=True)``).
+
+Checkpoints come from the internet: a malformed one (config.json, the shard index, a safetensors file)
+is a ValueError or an OSError that names the file, never another exception's traceback.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import HybridConfig
+from .config import MAX_EXPERTS, HybridConfig, read_json
 from .safetensors_io import SafeTensorsFile, save_file_streaming
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)   # what a float parameter loads from
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -29,8 +33,7 @@ def find_weights(path: Path, allow_pickle: bool = False) -> list[Path]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(_weight_map(index).values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in {path}: {missing}")
@@ -43,18 +46,35 @@ def find_weights(path: Path, allow_pickle: bool = False) -> list[Path]:
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if pickles:
         if not allow_pickle:
+            # the commands have no flag for this on purpose: converting once is the safe path
             raise ValueError(f"{path} holds only pickle weights ({pickles[0].name}); pickle files can run code "
-                             f"when loaded, so they are refused. Convert them to safetensors, or if you trust the "
-                             f"source pass allow_pickle=True (CLI: --allow-pickle)")
+                             f"when loaded, so they are refused. If you trust the source, convert them to "
+                             f"safetensors once from Python: HybridLM.from_pretrained(path, allow_pickle=True)"
+                             f".save_pretrained(new_path)")
         return pickles
     raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file map, checked: shards are plain file names beside the index."""
+    d = read_json(index)
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict):
+        raise ValueError(f"{index} is not a safetensors index: it needs a \"weight_map\" object mapping tensor "
+                         f"names to shard files")
+    bad = [f for f in wm.values() if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\\" in f]
+    if bad:
+        raise ValueError(f"{index}: weight_map names shards that are not file names in its directory: {bad[:3]}")
+    return wm
 
 
 def _iter_tensors(files: list[Path]):
     """(name, lazy getter, shape) of every tensor in hub naming, expanding fused expert tensors."""
     for name, get, shape in _iter_raw(files):
         prefix, _, leaf = name.rpartition(".experts.")
-        if leaf not in ("gate_up_proj", "down_proj") or len(shape) != 3:
+        # a fused tensor of more experts than a config may have is left whole (and reported unexpected):
+        # an empty one of shape [10**18, 0, 4] would otherwise be split for ever
+        if leaf not in ("gate_up_proj", "down_proj") or len(shape) != 3 or not 0 < shape[0] <= MAX_EXPERTS:
             yield name, get, shape
             continue
         # transformers >= 5 keeps experts fused in memory: gate_up_proj [e, 2*ff, d], down_proj [e, d, ff]
@@ -72,7 +92,12 @@ def _iter_raw(files: list[Path]):
     """Yield (name, lazy getter, shape) for every stored tensor, without reading the data yet."""
     for f in files:
         if f.suffix == ".bin":
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:      # pickle, zip and torch errors of many types
+                raise ValueError(f"{f} is not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+            if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+                raise ValueError(f"{f} is not a state dict of tensors")
             for k, t in sd.items():
                 yield k, (lambda t=t: t), tuple(t.shape)
             continue
@@ -95,9 +120,12 @@ def read_config(path: Path) -> HybridConfig:
 
 def read_quantization(path: Path):
     """The quant.QuantScheme recorded in a checkpoint's config.json, or None."""
-    d = json.loads((path / "config.json").read_text()).get("quantization_config")
+    d = read_json(path / "config.json")
+    d = d.get("quantization_config") if isinstance(d, dict) else None
     if d is None:
         return None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path / 'config.json'}: quantization_config must be an object, got {d!r}")
     from .quant import QuantScheme
     return QuantScheme.from_config(d, source=str(path / "config.json"))
 
@@ -109,7 +137,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
     one tensor. A checkpoint saved quantized loads into quantized layers by itself."""
     from .gguf import is_gguf, load_gguf
     if is_gguf(path):
-        return load_gguf(path, dtype=dtype, device=device, quantize=quantize)
+        return _trainable(load_gguf(path, dtype=dtype, device=device, quantize=quantize))
     from .quant import QuantLinear, QuantScheme
     path = Path(path)
     cfg = read_config(path)
@@ -129,7 +157,11 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
             if shape != (layer.out_features, layer.in_features):
                 mismatched.append(f"{name}: expected {[layer.out_features, layer.in_features]}, found {list(shape)}")
                 continue
-            layer.quantize_(get().to(device))
+            w = get()
+            if w.dtype not in _FLOATS:
+                mismatched.append(f"{name}: expected a float tensor (F32, BF16, F16, F64), found {w.dtype}")
+                continue
+            layer.quantize_(w.to(device))
             loaded.update(f"{layer_name}.{k}" for k in ("weight", "weight_scale", "weight_min"))
             continue
         if name not in expected:
@@ -142,6 +174,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
             continue
         t = get()
         keep = isinstance(layer, QuantLinear) and leaf != "bias"   # packed integers and their scales
+        if not keep and t.dtype not in _FLOATS:
+            mismatched.append(f"{name}: expected a float tensor (F32, BF16, F16, F64), found {t.dtype}")
+            continue
         t = t.to(device=device, dtype=None if keep else dtype or t.dtype, copy=True)  # own the memory, not the map
         if keep and t.dtype != expected[name].dtype:
             mismatched.append(f"{name}: expected {expected[name].dtype}, found {t.dtype}")
@@ -172,7 +207,15 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
         dtype = max(((p.dtype, p.numel()) for p in model.parameters()), key=lambda x: x[1])[0]
         for p in model.parameters():             # parameters only: quantized layers keep their scale dtype
             p.data = p.data.to(dtype)
-    return model.eval()
+    return _trainable(model.eval())
+
+
+def _trainable(model: nn.Module) -> nn.Module:
+    """Parameters that require grad, as transformers' and PyTorch's modules have them, so fine-tuning a
+    loaded model works; inference runs under torch.no_grad/inference_mode (generate, serve, bench, eval).
+    A quantized model stays frozen: its weights are integer buffers (quant.py)."""
+    from .quant import scheme_of
+    return model.requires_grad_(scheme_of(model) is None)
 
 
 def meta_model(cfg: HybridConfig, scheme=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -214,7 +257,7 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor):
     mod = model.get_submodule(mod_name)
     if attr in mod._buffers:
         mod._buffers[attr] = t
-    else:
+    else:   # frozen while loading; load_pretrained makes the finished model trainable (_trainable)
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
 
 

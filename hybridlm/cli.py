@@ -30,17 +30,37 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# the import names of each optional extra's packages (pyproject.toml), to name the one to install
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "serve": ("fastapi", "uvicorn", "jinja2", "tokenizers", "sentencepiece"),
+    "train": ("tomli", "tokenizers", "numpy", "tqdm", "matplotlib", "pyarrow"),
+    "gguf": ("gguf", "numpy", "tokenizers"),
+    "plot": ("matplotlib",),
+}
+COMMAND_EXTRA = {"serve": "serve", "chat": "serve", "train": "train", "export": "gguf"}
+
+
 class CLIError(Exception):
     """A user error: printed without a traceback, exit code 2."""
 
 
-def _load(target: str):
+def missing_dependency(e: ImportError, command: str | None = None) -> str:
+    """What to say when ``command`` stops on ImportError ``e``: the package and the extra that installs it."""
+    name = (e.name or "").split(".")[0]
+    if not name or name == "hybridlm":      # our own message, which says what to install
+        return str(e)
+    extras = [x for x, mods in EXTRAS.items() if name in mods]
+    extra = COMMAND_EXTRA.get(command) if COMMAND_EXTRA.get(command) in extras else (extras or ["all"])[0]
+    return (f"{'this command' if command is None else command!r} needs the optional package {name!r}, which is "
+            f"not installed; install it with: pip install 'hybridlm[{extra}]'")
+
+
+def _load(target: str, command: str | None = None):
     mod, fn = target.split(":")
     try:
         return getattr(importlib.import_module(mod), fn)
     except ImportError as e:
-        raise CLIError(f"this command needs an optional dependency that is not installed ({e.name}); "
-                       f"install it with: pip install 'hybridlm[all]'") from None
+        raise CLIError(missing_dependency(e, command)) from None
 
 
 def _doc_parts(fn) -> tuple[str, dict[str, str], str]:
@@ -69,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, target in COMMANDS.items():
         try:
-            fn = _load(target)
+            fn = _load(target, name)
         except (CLIError, AttributeError, ModuleNotFoundError):
             sub.add_parser(name, help="(not available: missing module or optional dependency)")
             continue
@@ -105,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if not hasattr(args, "_fn"):
-        _load(COMMANDS[args.command])  # raises the reason
+        try:
+            _load(COMMANDS[args.command], args.command)
+        except CLIError as e:    # the reason the command is not available
+            print(f"hybridlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn", "_model", "_model_required")}
     if hasattr(args, "_model"):
@@ -121,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             kwargs.pop("model")
     try:
         result = args._fn(**kwargs)
-    except (CLIError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"hybridlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except ImportError as e:  # an optional dependency, imported where the command first needs it
+        if (e.name or "").split(".")[0] == "hybridlm":   # a bug of ours: its traceback
+            raise
+        print(f"hybridlm {args.command}: error: {missing_dependency(e, args.command)}", file=sys.stderr)
+        return 2
+    except (CLIError, OSError, ValueError) as e:   # OSError: missing, unreadable or not-a-directory paths
+        print(f"hybridlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +25,44 @@ from pathlib import Path
 MIXERS = {"m": "mamba", "a": "attention", "w": "local"}
 MIXER_SYMBOL = {v: k for k, v in MIXERS.items()}
 
+# Sanity bounds, so a corrupt or hostile config.json is refused in milliseconds instead of running for
+# minutes or allocating gigabytes. Each is far beyond any published model (Jamba-1.5-Large: 72 layers,
+# 16 experts, 398B parameters; the most experts in an open MoE: 384, Kimi K2).
+MAX_LAYERS = 4096
+MAX_EXPERTS = 4096
+MAX_DIM = 2**31 - 1               # any one dimension (vocabulary, hidden size, heads, state, ...)
+MAX_PARAMS = 10**13               # the model as a whole
 
-def expand_pattern(pattern: str) -> str:
-    """``"mMmMaMmM*2"`` -> ``"mMmMaMmMmMmMaMmM"``; spaces and ``|`` dropped; unknown symbols raise."""
+
+def expand_pattern(pattern: str, max_layers: int = MAX_LAYERS) -> str:
+    """``"mMmMaMmM*2"`` -> ``"mMmMaMmMmMmMaMmM"``; spaces and ``|`` dropped; unknown symbols raise, and so
+    does a pattern of more than ``max_layers`` layers (counted before anything is expanded)."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"layout must be a pattern string such as 'mMmMaMmM*4', got {pattern!r}")
+    shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+    too_long = ValueError(f"layout pattern {shown!r} has more than {max_layers} layers, the most hybridlm "
+                          f"accepts")
+    if len(pattern) > 16 * max_layers:       # even with spaces and '|' between symbols: too long
+        raise too_long
     text = re.sub(r"[\s|]", "", pattern)
-    out = []
+    blocks, total = [], 0
     for part in text.split("+"):
         m = re.fullmatch(r"\(?([^()*]*)\)?(?:\*(\d+))?", part)
         if not m:
-            raise ValueError(f"layout pattern {pattern!r}: cannot parse {part!r}; write symbols like 'mMmMaMmM' "
+            raise ValueError(f"layout pattern {shown!r}: cannot parse {part[:40]!r}; write symbols like 'mMmMaMmM' "
                              f"optionally followed by '*N' to repeat, and join blocks with '+'")
-        block, rep = m.group(1), int(m.group(2) or 1)
+        block, digits = m.group(1), m.group(2) or "1"
         bad = sorted({c for c in block if c.lower() not in MIXERS})
         if bad:
-            raise ValueError(f"layout pattern {pattern!r}: unknown symbol(s) {bad}; use m/M (Mamba), a/A (attention), "
+            raise ValueError(f"layout pattern {shown!r}: unknown symbol(s) {bad}; use m/M (Mamba), a/A (attention), "
                              f"w/W (local attention); lower case = dense MLP, upper case = MoE")
-        out.append(block * rep)
-    return "".join(out)
+        if len(digits) > len(str(max_layers)):
+            raise too_long
+        total += len(block) * int(digits)
+        if total > max_layers:
+            raise too_long
+        blocks.append((block, int(digits)))
+    return "".join(block * rep for block, rep in blocks)
 
 
 @dataclass
@@ -86,6 +108,7 @@ class HybridConfig:
     max_position_embeddings: int = 262144
 
     def __post_init__(self):
+        self._check_fields()     # types and ranges first: the derivations below compute with them
         if self.mamba_dt_rank == "auto":
             self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
         if self.layout is not None:
@@ -95,15 +118,22 @@ class HybridConfig:
     # ---- layout -------------------------------------------------------------------------------
     @property
     def pattern(self) -> str:
-        """The per-layer layout as a pattern string, one symbol per layer."""
+        """The per-layer layout as a pattern string, one symbol per layer (built once per layout: ``mixer(i)``
+        and ``is_moe(i)`` are called for every layer)."""
         if self.layout is not None:
             return self.layout
+        key = (self.num_hidden_layers, self.num_experts, self.attn_layer_period, self.attn_layer_offset,
+               self.expert_layer_period, self.expert_layer_offset)
+        cached = self.__dict__.get("_pattern")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         out = []
         for i in range(self.num_hidden_layers):
             sym = "a" if i % self.attn_layer_period == self.attn_layer_offset else "m"
             moe = self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
             out.append(sym.upper() if moe else sym)
-        return "".join(out)
+        self.__dict__["_pattern"] = (key, "".join(out))
+        return self.__dict__["_pattern"][1]
 
     def mixer(self, i: int) -> str:
         """'mamba', 'attention' or 'local' for layer i."""
@@ -133,11 +163,11 @@ class HybridConfig:
         moe = [i for i, c in enumerate(p) if c.isupper()]
 
         def find(idx):
-            for period in range(1, n + 1):
-                for offset in range(period):
-                    if [i for i in range(n) if i % period == offset] == idx:
-                        return period, offset
-            return None
+            # the first index is the offset and the gap to the second the period (with one index: the
+            # shortest period that puts no second one in the stack); then every index must follow
+            offset = idx[0]
+            period = idx[1] - offset if len(idx) > 1 else max(offset + 1, n - offset)
+            return (period, offset) if offset < period and list(range(offset, n, period)) == idx else None
 
         # "no layer of this kind" is expressed by a period longer than the stack
         a = find(attn) if attn else (n + 1, n)
@@ -148,16 +178,86 @@ class HybridConfig:
                 "expert_layer_period": e[0], "expert_layer_offset": e[1]}
 
     # ---- validation ---------------------------------------------------------------------------
+    def _check_fields(self):
+        """Every field on its own: its type (JSON's: a boolean is not a number, "false" is not a boolean)
+        and its range. Integers and reals of other types (numpy's, from a GGUF file) become Python's."""
+        def integer(name, v, low, high=MAX_DIM):
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be {what}, got {v!r} ({_json_type(v)})")
+            if v < low:
+                raise ValueError(f"{name} must be {what}, got {v!r}")
+            if v > high:
+                raise ValueError(f"{name} is {v}, more than the {high} hybridlm accepts; is the config corrupt?")
+            if type(v) is not int:
+                setattr(self, name, int(v))
+
+        def real(name, v, positive):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or \
+                    not (v > 0 if positive else v >= 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+            if type(v) not in (int, float):
+                setattr(self, name, float(v))
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "mamba_d_state", "mamba_d_conv", "mamba_expand", "num_experts_per_tok",
+                     "max_position_embeddings"):
+            integer(name, getattr(self, name), 1)
+        integer("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        integer("num_experts", self.num_experts, 1, MAX_EXPERTS)
+        integer("attn_layer_period", self.attn_layer_period, 1)
+        integer("expert_layer_period", self.expert_layer_period, 1)
+        integer("attn_layer_offset", self.attn_layer_offset, 0)
+        integer("expert_layer_offset", self.expert_layer_offset, 0)
+        if self.mamba_dt_rank != "auto":
+            integer("mamba_dt_rank", self.mamba_dt_rank, 1)
+        for name in ("head_dim", "sliding_window"):
+            if getattr(self, name) is not None:
+                integer(name, getattr(self, name), 1)
+        real("rms_norm_eps", self.rms_norm_eps, positive=True)
+        real("initializer_range", self.initializer_range, positive=False)
+        real("router_aux_loss_coef", self.router_aux_loss_coef, positive=False)
+        if self.rope_theta is not None:
+            real("rope_theta", self.rope_theta, positive=True)
+        for name in ("tie_word_embeddings", "router_renormalize", "mamba_conv_bias", "mamba_proj_bias"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false (a JSON boolean), got {v!r} ({_json_type(v)})")
+
+        def token_id(i) -> bool:
+            return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ok = v is None or token_id(v) or (name == "eos_token_id" and isinstance(v, list) and v
+                                              and all(map(token_id, v)))
+            if not ok:
+                raise ValueError(f"{name} must be a token id (an integer), "
+                                 f"{'a list of them, ' if name == 'eos_token_id' else ''}or null; got {v!r}")
+        if self.layout is not None and not isinstance(self.layout, str):
+            raise ValueError(f"layout must be a pattern string such as 'mMmMaMmM*4', got {self.layout!r}")
+
+    def num_params(self) -> int:
+        """Parameters of a model of this config (``HybridLM(cfg).num_params()``), without building it."""
+        d, v, p = self.hidden_size, self.vocab_size, self.pattern
+        d_in, r, n, k = self.d_inner, self.mamba_dt_rank, self.mamba_d_state, self.mamba_d_conv
+        h, h_kv, d_h = self.num_attention_heads, self.num_key_value_heads, self.head_size
+        mamba = (d * 2 * d_in + d_in * k + d_in * (r + 2 * n) + r * d_in + d_in + d_in * n + d_in + d_in * d
+                 + r + 2 * n + self.mamba_proj_bias * (2 * d_in + d) + self.mamba_conv_bias * d_in)
+        attention = d * (h + 2 * h_kv) * d_h + h * d_h * d
+        mlp = 3 * d * self.intermediate_size
+        n_moe = sum(c.isupper() for c in p)
+        n_mamba = p.lower().count("m")
+        return (v * d * (1 if self.tie_word_embeddings else 2) + d + len(p) * 2 * d + n_mamba * mamba
+                + (len(p) - n_mamba) * attention + (len(p) - n_moe) * mlp
+                + n_moe * (self.num_experts * mlp + d * self.num_experts))
+
     def validate(self):
         def need(cond, msg):
             if not cond:
                 raise ValueError(msg)
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank",
-                     "num_experts", "num_experts_per_tok"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+        self._check_fields()
         need(self.attn_layer_offset < self.attn_layer_period,
              f"attn_layer_offset ({self.attn_layer_offset}) must be smaller than attn_layer_period "
              f"({self.attn_layer_period}); e.g. period 8 offset 4 puts attention at layers 4, 12, 20, ...")
@@ -185,8 +285,12 @@ class HybridConfig:
             need(self.sliding_window is not None and self.sliding_window >= 1,
                  "layout has local attention layers ('w'/'W') but sliding_window is not set; set sliding_window=N")
         if self.rope_theta is not None:
-            need(self.rope_theta > 0 and self.head_size % 2 == 0,
-                 f"rope_theta needs a positive value and an even head size (got {self.rope_theta}, {self.head_size})")
+            need(self.head_size % 2 == 0,
+                 f"rope_theta needs an even head size (got {self.rope_theta}, {self.head_size})")
+        need(self.num_params() <= MAX_PARAMS,
+             f"this config describes a model of {self.num_params():.3g} parameters, more than the {MAX_PARAMS:.0e} "
+             f"hybridlm accepts (vocab_size {self.vocab_size}, hidden_size {self.hidden_size}, intermediate_size "
+             f"{self.intermediate_size}, {self.num_hidden_layers} layers, {self.num_experts} experts): is it corrupt?")
 
     # ---- config.json --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -210,6 +314,8 @@ class HybridConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HybridConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got {_json_type(d)}")
         mt = d.get("model_type", "jamba")
         if mt != "jamba":
             raise ValueError(f"unsupported model_type {mt!r}: hybridlm reads Jamba checkpoints "
@@ -225,7 +331,12 @@ class HybridConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "HybridConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read config.json; any problem with it is a ValueError that names the file."""
+        d = read_json(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self, path: str | Path):
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -234,8 +345,23 @@ class HybridConfig:
         return dataclasses.replace(self, **changes)
 
 
+def read_json(path: str | Path):
+    """The JSON value in ``path``; a file that is not UTF-8 JSON is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _json_type(v) -> str:
+    names = {bool: "a boolean", str: "a string", float: "a float", int: "an integer", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(v), type(v).__name__)
+
+
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def _divisors_near(n: int, k: int) -> list[int]:

@@ -110,7 +110,9 @@ class HybridLM(nn.Module):
                         allow_pickle: bool = False, quantize=None) -> "HybridLM":
         """Load a HuggingFace-format Jamba checkpoint directory (config.json + safetensors) or a llama.cpp
         ``jamba`` GGUF file (see gguf.py); ``quantize`` ("int8", "int4", ... see quant.py) quantizes the
-        linear layers while loading."""
+        linear layers while loading. The parameters require grad, as transformers' from_pretrained gives
+        them (fine-tune it as it is; run inference under ``torch.no_grad()``, as ``generate`` does); a
+        quantized model's stay frozen."""
         from .checkpoint import load_pretrained
         return load_pretrained(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize)
 

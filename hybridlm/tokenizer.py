@@ -130,7 +130,10 @@ class SentencePieceTokenizer(Tokenizer):
             raise ImportError(f"{model_file} is a SentencePiece model; reading it needs the `sentencepiece` "
                               f"package: pip install sentencepiece") from None
         self.model_file = Path(model_file)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except Exception as e:   # sentencepiece raises RuntimeError/OSError with its own texts
+            raise ValueError(f"{model_file} is not a readable SentencePiece model ({e})") from None
         super().__init__(None, config)
         for attr, sp_id in (("bos_id", self._sp.bos_id()), ("eos_id", self._sp.eos_id()),
                             ("pad_id", self._sp.pad_id())):
@@ -185,7 +188,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return tokenizer_from_metadata(open_gguf(p, check_arch=False).meta, source=str(p))
     d = p if p.is_dir() else p.parent
     config_file = d / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config = {}
+    if config_file.exists():
+        try:
+            config = json.loads(config_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, RecursionError, ValueError) as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
     if p.is_dir():
         if (p / "tokenizer.json").exists():
             p = p / "tokenizer.json"

@@ -37,12 +37,18 @@ def test_pickle_refused_unless_opted_in(tmp_path):
     (tmp_path / "pkl").mkdir()
     (tmp_path / "pkl" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
     torch.save(model.state_dict(), tmp_path / "pkl" / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pickle files can run code"):
+    with pytest.raises(ValueError, match="pickle files can run code") as e:
         HybridLM.from_pretrained(tmp_path / "pkl")
+    # the refusal names an option that exists (the old message advertised a CLI flag no command has)
+    assert "--allow-pickle" not in str(e.value)
+    assert "HybridLM.from_pretrained(path, allow_pickle=True).save_pretrained(new_path)" in str(e.value)
     ours = HybridLM.from_pretrained(tmp_path / "pkl", allow_pickle=True)
     x = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         assert (ours(x) - model(x, use_cache=False).logits).abs().max() <= 1e-4
+    ours.save_pretrained(tmp_path / "converted")       # the advice, followed: safetensors from then on
+    with torch.no_grad():
+        assert torch.equal(HybridLM.from_pretrained(tmp_path / "converted")(x), ours(x))
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -100,3 +106,24 @@ def test_loading_does_not_need_twice_the_checkpoint_in_memory(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     growth = int(r.stdout.strip())
     assert size <= growth < 1.5 * size
+
+
+def test_from_pretrained_gives_trainable_parameters(tmp_path):
+    """As transformers and plain PyTorch do: fine-tuning a loaded model from the Python API works (the old
+    loader froze every parameter: 'element 0 of tensors does not require grad')."""
+    make_hf_checkpoint(tmp_path)
+    m = HybridLM.from_pretrained(tmp_path)
+    assert all(p.requires_grad for p in m.parameters())
+    x = torch.randint(0, 97, (2, 9))
+    m.train().loss(x[:, :-1], x[:, 1:])["loss"].backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "experts" not in n)
+    with torch.no_grad():                               # inference: no graph, as generate/serve/bench run
+        assert not m.eval()(x).requires_grad
+
+
+def test_quantized_load_stays_frozen(tmp_path):
+    """Quantized weights are integer buffers: a quantized model is for inference and its remaining
+    float parameters (norms, biases) stay frozen, as quantize_model leaves them."""
+    make_hf_checkpoint(tmp_path)
+    m = HybridLM.from_pretrained(tmp_path, quantize="int8")
+    assert not any(p.requires_grad for p in m.parameters())
