@@ -23,9 +23,15 @@ def parse_bytes(text: str) -> int:
     """'8GB', '8GiB', '512M', '1e9' -> bytes (powers of 1024 for K/M/G/T with or without 'i')."""
     import re
     m = re.fullmatch(r"\s*([\d.e+]+)\s*([KMGT]?)(i?B?)\s*", text, re.I)
-    if not m:
+    try:
+        value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ") if m else None
+    except ValueError:          # '1.2.3', 'e'
+        value = None
+    if value is None:
         raise ValueError(f"cannot read memory size {text!r}; write e.g. 8GB, 512MiB or 2.5G")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+    if not 0 <= value < 2 ** 60:     # 1e400 is inf, and no machine has an exabyte
+        raise ValueError(f"memory size {text!r} is out of range; write e.g. 8GB, 512MiB or 2.5G")
+    return int(value)
 
 
 def layout_diagram(cfg: HybridConfig) -> str:

@@ -85,3 +85,16 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "hybridlm", "inspect", "tiny"], capture_output=True, text=True)
     assert r.returncode == 0 and "layout mMmMaMmM" in r.stdout
+
+
+def test_absurd_sizes_are_one_line_errors(capsys):
+    """--max-new-tokens past the context and memory sizes like 1e400 are refused before anything is
+    allocated (issue 16: they gave a 25.6 GB allocation and an OverflowError traceback)."""
+    assert main(["generate", "tiny", "--prompt", "5 6 7", "--max-new-tokens", "100000000"]) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err
+    assert main(["plan", "tiny", "--budget", "1e400GB"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    from hybridlm.summary import parse_bytes
+    assert parse_bytes("8GB") == 8 << 30 and parse_bytes("1e9") == 10 ** 9
+    with pytest.raises(ValueError):
+        parse_bytes("1.2.3G")
