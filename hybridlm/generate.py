@@ -193,11 +193,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperatu
     config's) after their last token; ``attention_mask`` [b, l] (1 = token, 0 = left padding) lets a
     batch hold prompts of different lengths.
     """
-    room = m.config.max_position_embeddings - len(ids)
-    if not 0 < max_new_tokens <= room:
-        raise ValueError(f"--max-new-tokens {max_new_tokens}: the prompt's {len(ids)} tokens leave room for 1 to "
-                         f"{max(room, 0)} new tokens in the model's context of {m.config.max_position_embeddings} "
-                         f"(max_position_embeddings); the cache is allocated for them up front")
     gen = Generation(max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty, seed),
                      StopCriteria(tuple(stop_token_ids), tuple(stop_strings), decode), prefill_chunk)
     mask = attention_mask.bool() if attention_mask is not None else None
