@@ -114,7 +114,19 @@ def report() -> dict:
             "bf16 GEMMs (prefill)": ("torch bf16" if _FAST_BF16 else
                                      "upcast to fp32 (this CPU has no AVX512-BF16/AMX: torch's bf16 GEMM is ~5x "
                                      "slower than fp32 here)"),
-            "cpu_kernels": library}
+            "cpu_kernels": library, "openmp waits": openmp_waits()}
+
+
+def openmp_waits() -> str:
+    """How OpenMP threads wait at barriers in this process (see hybridlm/__init__.py)."""
+    import hybridlm
+    if hybridlm.openmp_spincount_set:
+        return f"spin {hybridlm.OPENMP_SPINCOUNT} times, then sleep (set by hybridlm: robust beside busy processes)"
+    chosen = {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in os.environ}
+    if chosen:
+        return "as the environment sets: " + ", ".join(f"{k}={v}" for k, v in chosen.items())
+    return ("libgomp's default (spin ~300,000 times: torch was imported before hybridlm); on a shared machine "
+            "start Python with GOMP_SPINCOUNT=1000 (benchmarks/contention.py)")
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
