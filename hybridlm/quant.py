@@ -337,7 +337,7 @@ def quantize_cli(model: str, to: str = "int8", out: str = "", group: int = -1, a
     tensor, never the whole float model. The tokenizer and chat template files are copied along.
 
     Args:
-        model: checkpoint directory (bf16 / fp32 / fp16 safetensors)
+        model: checkpoint directory (bf16 / fp32 / fp16 safetensors) or .gguf file (see gguf.py)
         to: int8 (one scale per output channel) or int4 (groups), or a full spec such as int4:g128:asym
         out: output directory (required; must be empty or absent unless --overwrite)
         group: input columns per scale (int4: a multiple of 32, default 64; int8: 0 = per channel, default)
@@ -362,9 +362,11 @@ def quantize_cli(model: str, to: str = "int8", out: str = "", group: int = -1, a
     from .summary import fmt_bytes
     if not out:
         raise CLIError("give --out DIR, the directory to write the quantized checkpoint to")
+    from .gguf import is_gguf
     src, dst = Path(model), Path(out)
-    if not (src / "config.json").is_file():
-        raise CLIError(f"{model} is not a checkpoint directory (no config.json); quantize a saved checkpoint")
+    if not (src / "config.json").is_file() and not (is_gguf(src) and src.is_file()):
+        raise CLIError(f"{model} is not a checkpoint directory (no config.json) or .gguf file; quantize a saved "
+                       f"checkpoint")
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise CLIError(f"{out} is not empty; choose a new directory or pass --overwrite")
     if dst.resolve() == src.resolve():
@@ -387,10 +389,15 @@ def quantize_cli(model: str, to: str = "int8", out: str = "", group: int = -1, a
     m = load_pretrained(src, quantize=scheme)
     loaded = time.perf_counter() - t0
     m.save_pretrained(dst, max_shard_bytes=2 << 30)
-    for f in src.iterdir():   # tokenizer, its config, chat template, generation config
-        if f.is_file() and f.name != "config.json" and not f.name.startswith("model") and f.suffix != ".bin":
-            shutil.copy2(f, dst / f.name)
-    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))   # noqa: E731
+    if is_gguf(src):          # the tokenizer and chat template from the file's metadata
+        from .tokenizer import load_tokenizer
+        load_tokenizer(src).save(dst)
+    else:
+        for f in src.iterdir():   # tokenizer, its config, chat template, generation config
+            if f.is_file() and f.name != "config.json" and not f.name.startswith("model") and f.suffix != ".bin":
+                shutil.copy2(f, dst / f.name)
+    size = lambda d: (d.stat().st_size if d.is_file() else   # noqa: E731
+                      sum(f.stat().st_size for f in Path(d).glob("*.safetensors")))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"quantized {model} -> {out}: {scheme}")
     print(f"  weights {fmt_bytes(size(src))} -> {fmt_bytes(size(dst))}; load+quantize {loaded:.1f} s, "

@@ -356,6 +356,9 @@ def test_cli_export_then_every_command_reads_the_file(tmp_path, trained_dir, cap
     assert main(["export", str(trained_dir), "--gguf", str(q8), "--type", "q8_0"]) == 0
     assert main(["inspect", str(q8)]) == 0
     assert "no second rounding" in capsys.readouterr().out
+    assert main(["quantize", str(q8), "--to", "int4:g32", "--out", str(tmp_path / "int4")]) == 0
+    assert (tmp_path / "int4" / "tokenizer.json").exists()
+    assert HybridLM.from_pretrained(tmp_path / "int4").model.layers[0].mamba.in_proj.scheme.bits == 4
     assert main(["export", str(trained_dir), "--gguf", str(tmp_path / "x.gguf"), "--type", "q3"]) == 2
     assert main(["generate", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 2
 
