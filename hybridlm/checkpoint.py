@@ -227,9 +227,14 @@ def meta_model(cfg: HybridConfig, scheme=None) -> tuple[nn.Module, dict[str, tor
         model = HybridLM(cfg)
     if scheme is not None:
         quantize_structure(model, scheme)
+    return model, expected_tensors(model)
+
+
+def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer a loader fills, by name (tied ones under both names)."""
     expected = dict(model.named_parameters(remove_duplicate=False))
     expected.update(model.named_buffers())
-    return model, expected
+    return expected
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -330,10 +335,9 @@ def load_model(spec: str | Path, dtype: torch.dtype | None = None, device="cpu",
     from .model import HybridLM
     from .quant import QuantScheme, quantize_model, quantize_structure
     if is_gguf(spec):
-        from .gguf import gguf_plan, load_gguf
+        from .gguf import gguf_meta_model, load_gguf
         if str(device) == "meta":
-            cfg, scheme, _ = gguf_plan(spec, quantize)
-            return meta_model(cfg, scheme)[0].eval()
+            return gguf_meta_model(spec, quantize)
         return load_gguf(spec, dtype=dtype, device=device, quantize=quantize, progress=True)
     scheme = None if quantize in (None, "", "none") else QuantScheme.parse(quantize)
     if str(spec) in PRESETS:

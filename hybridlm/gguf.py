@@ -286,7 +286,7 @@ def _check_header(path: Path):
 
 
 def _to_torch(t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.data`` (memory of our own, as GGUFTensor.read returns it) as a torch tensor of ``dtype``; float
+    """``t.data`` (memory of our own, as ``_part`` reads it) as a torch tensor of ``dtype``; float
     types are taken as they are, without a copy when the dtype matches."""
     import numpy as np
     if t.type in ("F32", "F16"):
@@ -413,15 +413,21 @@ def _direct(kind: str, scheme) -> bool:
 def gguf_plan(path, quantize=None) -> tuple[HybridConfig, object, list[tuple[str, str, str]]]:
     """What loading ``path`` does, without reading tensor data: (config, scheme or None, rows of
     (GGUF tensor, its type, the path it takes))."""
-    return _plan(open_gguf(path), quantize)
+    return _plan(open_gguf(path), quantize)[:3]
+
+
+def gguf_meta_model(path, quantize=None):
+    """The model ``load_gguf`` would build, on the meta device (shapes and quantized structure only)."""
+    return _plan(open_gguf(path), quantize)[3].eval()
 
 
 def _plan(g: GGUFFile, quantize):
-    from .model import HybridLM
-    from .quant import QuantScheme
+    """``gguf_plan``'s (config, scheme, rows), and the model on the meta device with its linear layers
+    swapped for empty QuantLinears under the scheme: built once, for the loader to fill."""
+    from .checkpoint import meta_model
+    from .quant import QuantScheme, quantize_structure
     cfg = config_from_gguf(g)
-    with torch.device("meta"):
-        model = HybridLM(cfg)
+    model, _ = meta_model(cfg)
     linears = _linear_names(model)
     try:
         sources = {n: _source(g, n + ".weight", cfg)[0].name for n in linears}
@@ -453,23 +459,25 @@ def _plan(g: GGUFFile, quantize):
         else:
             how = "as stored" if stored else "dequantized -> float"
         rows.append((t.name, t.type, how))
-    return cfg, scheme, rows
+    if scheme is not None:
+        quantize_structure(model, scheme)
+    return cfg, scheme, rows, model
 
 
 def load_gguf(path, dtype: torch.dtype | None = None, device="cpu", quantize=None, progress: bool = False):
     """A HybridLM from a ``jamba`` GGUF file (see the module docstring for ``quantize``). ``dtype`` is the
     dtype of every float parameter; default: the file's (BF16 -> bfloat16, F32/F16 -> float32, quantized
     files -> bfloat16). The tokenizer: ``hybridlm.tokenizer.load_tokenizer(path)``."""
-    from .checkpoint import _assign, meta_model
+    from .checkpoint import _assign, expected_tensors
     from .quant import QuantLinear, _progress
     g = open_gguf(path)
-    cfg, scheme, _ = _plan(g, quantize)
+    cfg, scheme, _, model = _plan(g, quantize)
     if dtype is None:
         sizes: dict[str, int] = {}
         for t in g.tensors.values():
             sizes[t.type] = sizes.get(t.type, 0) + math.prod(t.shape)
         dtype = torch.bfloat16 if max(sizes, key=sizes.get) not in ("F32", "F16") else torch.float32
-    model, expected = meta_model(cfg, scheme)
+    expected = expected_tensors(model)
     tie = cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear)
     names = [n for n in expected if not n.endswith((".weight_scale", ".weight_min"))
              and not (tie and n == "lm_head.weight")]
@@ -481,12 +489,13 @@ def load_gguf(path, dtype: torch.dtype | None = None, device="cpu", quantize=Non
             t, expert, qkv = _source(g, name, cfg)
         except KeyError as e:
             raise ValueError(f"{path}: tensor {e.args[0]} is missing (needed for {name})") from None
+        part = _part(t, expert, qkv, cfg)
         if isinstance(layer, QuantLinear) and leaf == "weight":
-            _fill_quant(layer, t, expert, qkv, cfg, name, path)
+            _fill_quant(layer, part, name, path)
             bar.update(1)
             continue
         want = tuple(expected[name].shape)
-        value = _read(t, expert, qkv, cfg, torch.float32 if leaf == "A_log" else dtype)
+        value = _to_torch(part, torch.float32 if leaf == "A_log" else dtype)
         if leaf == "A_log":
             value = a_log_from_a(value, dtype, f"{path}: {t.name}")
         if name.endswith("conv1d.weight") and tuple(value.shape) == (want[0], want[-1]):
@@ -504,8 +513,9 @@ def load_gguf(path, dtype: torch.dtype | None = None, device="cpu", quantize=Non
     return model.to(device).eval()
 
 
-def _rows(t: GGUFTensor, expert: int | None, qkv: str | None, cfg: HybridConfig):
-    """The tensor's data restricted to one expert / one of q, k, v (raw bytes for quantized types)."""
+def _part(t: GGUFTensor, expert: int | None, qkv: str | None, cfg: HybridConfig) -> GGUFTensor:
+    """The part of ``t`` one of our tensors takes (one expert; one of q, k, v of a fused qkv), read into
+    memory of our own (raw bytes for quantized types)."""
     data = t.read(expert)
     shape = t.shape if expert is None else t.shape[1:]
     if qkv is not None:
@@ -513,30 +523,24 @@ def _rows(t: GGUFTensor, expert: int | None, qkv: str | None, cfg: HybridConfig)
         kv = cfg.num_key_value_heads * cfg.head_size
         start, n = {"attn_q": (0, q), "attn_k": (q, kv), "attn_v": (q + kv, kv)}[qkv]
         data, shape = data[start:start + n], (n, *shape[1:])
-    return data, shape
+    return GGUFTensor(t.name, t.type, tuple(shape), data)
 
 
-def _read(t: GGUFTensor, expert, qkv, cfg, dtype) -> torch.Tensor:
-    data, shape = _rows(t, expert, qkv, cfg)
-    return _to_torch(GGUFTensor(t.name, t.type, tuple(shape), data), dtype)
-
-
-def _fill_quant(layer, t: GGUFTensor, expert, qkv, cfg, name: str, path):
-    """Set a QuantLinear from the file: Q8_0/Q4_0 blocks copied as they are where its scheme matches, else
-    dequantized and requantized (or quantized, for float tensors)."""
+def _fill_quant(layer, part: GGUFTensor, name: str, path):
+    """Set a QuantLinear from its part of the file: Q8_0/Q4_0 blocks copied as they are where its scheme
+    matches, else dequantized and requantized (or quantized, for float tensors)."""
     import numpy as np
     o, k = layer.out_features, layer.in_features
-    data, shape = _rows(t, expert, qkv, cfg)
-    if tuple(shape) != (o, k):
-        raise ValueError(f"{path}: tensor {t.name} has shape {list(shape)}; {name} needs {[o, k]}")
-    if not _direct(t.type, layer.scheme):
-        layer.quantize_(_to_torch(GGUFTensor(t.name, t.type, tuple(shape), data), torch.float32))
+    if part.shape != (o, k):
+        raise ValueError(f"{path}: tensor {part.name} has shape {list(part.shape)}; {name} needs {[o, k]}")
+    if not _direct(part.type, layer.scheme):
+        layer.quantize_(_to_torch(part, torch.float32))
         return
-    qbytes = 32 if t.type == "Q8_0" else 16
-    blocks = np.ascontiguousarray(data).reshape(o, k // 32, 2 + qbytes)
+    qbytes = 32 if part.type == "Q8_0" else 16
+    blocks = np.ascontiguousarray(part.data).reshape(o, k // 32, 2 + qbytes)
     scale = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0]).float()
     q = torch.from_numpy(blocks[..., 2:].copy()).reshape(o, k // 32 * qbytes)
-    layer.weight = q.view(torch.int8) if t.type == "Q8_0" else q
+    layer.weight = q.view(torch.int8) if part.type == "Q8_0" else q
     layer.weight_scale, layer.weight_min = scale, None
 
 
@@ -677,8 +681,7 @@ def export_gguf(model, out, tokenizer, kind: str = "bf16", name: str = "", progr
     w.add_ssm_conv_kernel(cfg.mamba_d_conv)
     w.add_ssm_inner_size(cfg.d_inner)
     w.add_ssm_state_size(cfg.mamba_d_state)
-    w.add_ssm_time_step_rank(model.model.layers[_first_mamba(cfg)].mamba.dt_proj.in_features
-                             if _first_mamba(cfg) is not None else 1)
+    w.add_ssm_time_step_rank(cfg.mamba_dt_rank)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok if cfg.num_experts > 1 else 1)
@@ -714,10 +717,6 @@ def export_gguf(model, out, tokenizer, kind: str = "bf16", name: str = "", progr
         w.close()
     os.replace(tmp, out)
     return out
-
-
-def _first_mamba(cfg: HybridConfig) -> int | None:
-    return next((i for i in range(cfg.num_hidden_layers) if cfg.mixer(i) == "mamba"), None)
 
 
 def export_cli(model: str, gguf: str = "", type: str = "bf16", tokenizer: str = "", name: str = "",

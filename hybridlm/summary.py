@@ -137,9 +137,14 @@ def inspect_cmd(model: str, dtype: str = "auto", quantize: str = "") -> int:
         hybridlm inspect ./jamba-reasoning-3b-Q4_K_M.gguf
     """
     from .checkpoint import load_model
+    from .gguf import gguf_plan, is_gguf
     from .quant import scheme_of
-    meta = load_model(model, device="meta", quantize=quantize or None)
-    cfg, stored = meta.config, scheme_of(meta)
+    rows = None
+    if is_gguf(model):            # the plan gives the config, the scheme and each tensor's path at once
+        cfg, stored, rows = gguf_plan(model, quantize or None)
+    else:
+        meta = load_model(model, device="meta", quantize=quantize or None)
+        cfg, stored = meta.config, scheme_of(meta)
     counts = param_counts(cfg)
     n_attn = sum(cfg.mixer(i) != "mamba" for i in range(cfg.num_hidden_layers))
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
@@ -151,18 +156,15 @@ def inspect_cmd(model: str, dtype: str = "auto", quantize: str = "") -> int:
     if stored is not None:
         print(f"quantized {'' if quantize else '(as stored) '}{stored}: weight bytes "
               f"{fmt_bytes(weight_bytes(cfg, 'bfloat16', stored))} (other parameters in bfloat16)")
-    from .gguf import is_gguf
-    if is_gguf(model):
-        gguf_report(model, quantize or None)
+    if rows is not None:
+        gguf_report(rows)
     return 0
 
 
-def gguf_report(path: str, quantize=None):
-    """How each tensor of a GGUF file loads (gguf.gguf_plan), one line per kind of tensor across layers."""
+def gguf_report(rows: list[tuple[str, str, str]]):
+    """How each tensor of a GGUF file loads (the rows of gguf.gguf_plan), one line per kind of tensor
+    across layers."""
     import re
-
-    from .gguf import gguf_plan
-    _, _, rows = gguf_plan(path, quantize)
     groups: dict[tuple[str, str, str], list[str]] = {}
     for name, typ, how in rows:
         m = re.match(r"blk\.(\d+)\.(.*)", name)
