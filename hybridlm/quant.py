@@ -203,11 +203,11 @@ class QuantLinear(nn.Module):
 
         The activations are quantized to int8 per block of 32 columns (``quantize_activations``, as llama.cpp
         does) and multiplied by the quantized weights: by the kernel's integer dot products for up to
-        decode_cpu.QUANT_ROWS rows (decode, short prompts), by a GEMM on the dequantized weight (in
+        decode_cpu.quant_rows(self) rows (decode, short prompts), by a GEMM on the dequantized weight (in
         kernels.gemm_dtype) otherwise. Both compute the same product (``product_ref``), so decode and prefill
         agree. Nothing here is trainable (no gradient reaches the packed weights)."""
         b = self.bias if bias else None
-        if kernels.decode_kernels(x, self, max_rows=kernels.decode_cpu.QUANT_ROWS):
+        if kernels.decode_kernels(x, self, max_rows=kernels.decode_cpu.quant_rows(self)):
             return kernels.linear_step(x, self, b)
         dtype = kernels.gemm_dtype(x)
         y = F.linear(quantize_activations(x).to(dtype), self.dequantize(dtype), None if b is None else b.to(dtype))

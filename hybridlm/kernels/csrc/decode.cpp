@@ -89,6 +89,7 @@ inline void split(int64_t n, int t, int nt, int64_t align, int64_t& r0, int64_t&
 
 constexpr int RB = 4;   // split rows between threads in multiples of this
 constexpr int BB = 4;   // batch rows per pass over a weight row
+constexpr int64_t X_TILE_BYTES = 96 * 1024;   // quantized x rows kept in L2 per pass over the weights
 
 // s[j] = dot(wr[:k], x[j*k : (j+1)*k]) for NB batch rows; NB * CH independent accumulator chains
 template <typename T, int NB>
@@ -239,6 +240,9 @@ struct QX {            // x [b, ld] quantized per 32-column block
     std::vector<int8_t> q;
     std::vector<int8_t> pair;    // int4 weights only: q with each pair of blocks A, B as [A 0-15, B 0-15, A 16-31, B 16-31]
     std::vector<float> d, sum;   // [b, ld / 32]: the block's scale, and dx * its sum of xq (asymmetric weights)
+    std::vector<float> dpair;    // int4: [b, ld / 32, 4]: per block pair, A's scale x4 then B's x4 (lanes of the pair's sums)
+    std::vector<int32_t> corr;   // int4: [b, ld / 32, 4]: per block pair, 8 * sum(xq) of A in lane 0, of B in lane 4
+    std::vector<float> spair;    // int4: [b, ld / 32, 4]: per block pair, A's `sum` in lane 0, B's in lane 4
 };
 
 inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, bool pairs, QX& out) {
@@ -264,6 +268,19 @@ inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, bool pa
     // high nibbles columns 16-31 of both; x laid out to match takes the unpacking down to one AND and a shift
     if (!pairs) return;
     out.pair.resize(b * ld);
+    out.dpair.assign(b * nb * 4, 0.0f);
+    out.corr.assign(b * nb * 4, 0);
+    out.spair.assign(b * nb * 4, 0.0f);
+    for (int64_t j = 0; j < b; ++j)
+        for (int64_t blk = 0; blk < nb; ++blk) {
+            int32_t sum = 0;
+            for (int c = 0; c < 32; ++c) sum += out.q[j * ld + blk * 32 + c];
+            // block blk's lanes in its pair: 0-3 (even blk) or 4-7 (odd)
+            const int64_t at = (j * nb + (blk & ~int64_t{1})) * 4 + (blk & 1) * 4;
+            for (int l = 0; l < 4; ++l) out.dpair[at + l] = out.d[j * nb + blk];
+            out.corr[at] = 8 * sum;
+            out.spair[at] = out.sum[j * nb + blk];
+        }
     for (int64_t j = 0; j < b; ++j)
         for (int64_t p = 0; p + 1 < nb; p += 2) {
             const int8_t* src = out.q.data() + j * ld + p * 32;
@@ -323,7 +340,7 @@ inline float scale_of(const bf16* p, int64_t i) { return bf2f(p[i]); }
 // block.
 template <int NB, int KIND, bool ASYM, typename S>
 inline void row_dot_q(const Mat& m, int64_t r, const int8_t* xq, const int8_t* xpair, const float* xd, const float* xs,
-                      int shift, float* s) {
+                      const float* xdpair, const int32_t* xcorr, const float* xspair, int shift, float* s) {
     const int64_t ld = m.ld, nb = ld / 32, ng = ld / m.group;
     const S* sc = static_cast<const S*>(m.scale) + r * ng;
     const S* mn = ASYM ? static_cast<const S*>(m.min) + r * ng : nullptr;
@@ -344,27 +361,40 @@ inline void row_dot_q(const Mat& m, int64_t r, const int8_t* xq, const int8_t* x
     };
     int64_t blk = 0;
     if constexpr (KIND == I4) {
-        // two blocks per step (QX::pair): lanes 0-3 of the sums are block A's, lanes 4-7 block B's
-        const __m256i low = _mm256_set1_epi8(15);
-        for (; blk + 1 < nb; blk += 2) {
+        // Two blocks per 32-byte load (QX::pair): lanes 0-3 of a block pair's int32 sums are block A's, 4-7
+        // block B's. The nibbles multiply x as unsigned 0..15 (one maddubs each; the two halves' int16 sums,
+        // |.| <= 4 * 15 * 127, add without saturating before one madd); symmetric weights' -8 offset is
+        // taken off per block as 8 * sum(xq) (QX::corr, the same for every row). Two pairs per trip into
+        // two sums: one chain would wait on the FMA's latency.
+        const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+        auto pair = [&](int64_t b2, __m256* tot) __attribute__((always_inline)) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(m.data) +
-                                                                                   (r * ld + blk * 32) / 2));
-            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            if (!ASYM) {
-                lo = _mm256_sub_epi8(lo, _mm256_set1_epi8(8));
-                hi = _mm256_sub_epi8(hi, _mm256_set1_epi8(8));
-            }
-            const float swa = scale_of(sc, blk >> shift), swb = scale_of(sc, (blk + 1) >> shift);
+                                                                                   (r * ld + b2 * 32) / 2));
+            const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            const __m256 sw = shift ? _mm256_set1_ps(scale_of(sc, b2 >> shift))
+                                    : _mm256_set_m128(_mm_set1_ps(scale_of(sc, b2 + 1)), _mm_set1_ps(scale_of(sc, b2)));
+            __m256 mv = _mm256_setzero_ps();
+            if (ASYM) mv = shift ? _mm256_set1_ps(scale_of(mn, b2 >> shift))
+                                 : _mm256_set_m128(_mm_set1_ps(scale_of(mn, b2 + 1)), _mm_set1_ps(scale_of(mn, b2)));
             for (int j = 0; j < NB; ++j) {
-                const int8_t* xp = xpair + j * ld + blk * 32;
-                const __m256i i32 = _mm256_add_epi32(
-                    dot32<ASYM>(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
-                    dot32<ASYM>(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
-                const __m256 d = _mm256_set_m128(_mm_set1_ps(xd[j * nb + blk + 1] * swb), _mm_set1_ps(xd[j * nb + blk] * swa));
-                tot0[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), d, tot0[j]);
-                if (ASYM) off[j] += scale_of(mn, blk >> shift) * xs[j * nb + blk] +
-                                    scale_of(mn, (blk + 1) >> shift) * xs[j * nb + blk + 1];
+                const int8_t* xp = xpair + j * ld + b2 * 32;
+                __m256i i32 = _mm256_madd_epi16(_mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32)))), ones);
+                if (!ASYM) i32 = _mm256_sub_epi32(i32, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xcorr + (j * nb + b2) * 4)));
+                const __m256 d = _mm256_mul_ps(sw, _mm256_loadu_ps(xdpair + (j * nb + b2) * 4));
+                tot[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), d, tot[j]);
+                // asymmetric: + min * dx * sum(xq) per block, into lanes 0 and 4 of the same sums
+                if (ASYM) tot[j] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xspair + (j * nb + b2) * 4), tot[j]);
             }
+        };
+        for (; blk + 3 < nb; blk += 4) {
+            pair(blk, tot0);
+            pair(blk + 2, tot1);
+        }
+        if (blk + 1 < nb) {
+            pair(blk, tot0);
+            blk += 2;
         }
     }
     for (; blk + 1 < nb; blk += 2) {
@@ -394,16 +424,23 @@ void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* out, int6
     while ((int64_t{1} << shift) < per) ++shift;
     if ((int64_t{1} << shift) != per) shift = 62;      // not a power of 2: per channel, one group
     float s[BB];
+    // many rows of x (prefill): tiles of x rows small enough to stay in L2 while every weight row of this
+    // thread passes over them (each weight row is read once per tile, from L1 for the tile's row groups)
+    const int64_t tile = std::max<int64_t>(BB, (X_TILE_BYTES / std::max<int64_t>(m.ld, 1)) / BB * BB);
+    for (int64_t t0 = 0; t0 < b; t0 += tile)
     for (int64_t r = r0; r < r1; ++r)
-        for (int64_t b0 = 0; b0 < b; b0 += BB) {
+        for (int64_t b0 = t0; b0 < std::min(b, t0 + tile); b0 += BB) {
             const int64_t n = std::min<int64_t>(BB, b - b0);
             const int8_t *xq = qx.q.data() + b0 * m.ld, *xp = qx.pair.data() + b0 * m.ld;
             const float *xd = qx.d.data() + b0 * nb, *xs = qx.sum.data() + b0 * nb;
+            const float* xdp = qx.dpair.data() + b0 * nb * 4;
+            const int32_t* xc = qx.corr.data() + b0 * nb * 4;
+            const float* xsp = qx.spair.data() + b0 * nb * 4;
             switch (n) {
-                case 1: row_dot_q<1, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
-                case 2: row_dot_q<2, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
-                case 3: row_dot_q<3, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
-                default: row_dot_q<4, KIND, ASYM, S>(m, r, xq, xp, xd, xs, shift, s); break;
+                case 1: row_dot_q<1, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
+                case 2: row_dot_q<2, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
+                case 3: row_dot_q<3, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
+                default: row_dot_q<4, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
             }
             for (int64_t j = 0; j < n; ++j) out[(b0 + j) * ldo + r] = s[j] + (bias ? bias[r] : 0.0f);
         }
