@@ -16,8 +16,12 @@ from .kernels import Linear, attn_step, decode_kernels, flash_attn_cpu, fused_at
 _Q_BLOCK_ELEMS = 1 << 25
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (Su et al. 2021), half-split convention. x: [b, h, l, d_h]; positions: [b, l]."""
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int | None = None) -> torch.Tensor:
+    """Rotary embedding (Su et al. 2021), half-split convention. x: [b, h, l, d_h]; positions: [b, l].
+    ``rotary_dim`` < d_h: only the first rotary_dim channels rotate, the rest pass through (partial RoPE,
+    Bamba's, with the frequencies of a rotary_dim-wide head)."""
+    if rotary_dim is not None and rotary_dim < x.shape[-1]:
+        return torch.cat([rope(x[..., :rotary_dim], positions, theta), x[..., rotary_dim:]], dim=-1)
     d = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # [d_h/2]
     ang = positions[:, None, :, None].float() * inv                                         # [b, 1, l, d_h/2]
@@ -35,6 +39,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, self.h_kv * self.d_h, bias=False)
         self.o_proj = Linear(self.h * self.d_h, cfg.hidden_size, bias=False)
         self.rope_theta = cfg.rope_theta
+        self.rotary_dim = cfg.rotary_dim
+        # a score scale other than 1/sqrt(d_h) (Granite's attention_multiplier) is folded into q
+        self.q_scale = None if cfg.attention_multiplier is None else cfg.attention_multiplier * self.d_h ** 0.5
         self.window = window
 
     def forward(self, x: torch.Tensor, state: KVState | None = None, ctx=None) -> torch.Tensor:
@@ -45,7 +52,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, l, self.h_kv, self.d_h).transpose(1, 2)       # [b, h_kv, l, d_h]
         v = self.v_proj(x).view(b, l, self.h_kv, self.d_h).transpose(1, 2)
         if self.rope_theta is not None:
-            q, k = rope(q, ctx.positions, self.rope_theta), rope(k, ctx.positions, self.rope_theta)
+            q, k = (rope(t, ctx.positions, self.rope_theta, self.rotary_dim) for t in (q, k))
+        if self.q_scale is not None:
+            q = q * self.q_scale
         if l == 1 and state is not None and self.window is None and decode_kernels(x, state.k):
             # one new token, full attention: write its K/V, then one kernel call over the cache
             state.k[:, :, ctx.start] = k[:, :, 0]

@@ -185,6 +185,16 @@ def greedy(logits):
 WARM_SAME_SHAPE_UP_TO = 8192
 
 
+def forward_logits(model, ids: torch.Tensor, all_logits: bool = True) -> torch.Tensor:
+    """What ``full_forward`` measures: the logits of every position, or the hidden states of every position
+    and the logits of the last only. Through ``model.logits``, so Granite's logits_scaling is applied as
+    the model applies it."""
+    if all_logits:
+        return model(ids)
+    h, _ = model.hidden(ids)
+    return model.logits(h[:, -1:])
+
+
 @torch.no_grad()
 def full_forward(model, n: int, logits_budget: int = 4 << 30, repeats: int = 1) -> dict:
     """``model(ids)`` on n tokens, no cache. When the [n, vocab] logits would exceed ``logits_budget``
@@ -194,10 +204,7 @@ def full_forward(model, n: int, logits_budget: int = 4 << 30, repeats: int = 1) 
     all_logits = n * model.config.vocab_size * _weight_bytes(model) <= logits_budget
 
     def run():
-        if all_logits:
-            return model(ids)
-        h, _ = model.hidden(ids)
-        return model.lm_head(h[:, -1:])
+        return forward_logits(model, ids, all_logits)
 
     with PeakRSS() as mem:
         if n <= WARM_SAME_SHAPE_UP_TO:
@@ -284,8 +291,8 @@ def bench(model: str, lengths: list[int] = (2048, 8192, 32768), prompt: int = 20
         hybridlm bench ./my-checkpoint --threads 2 --out results/bench
     """
     from .checkpoint import load_model, parse_dtype
-    if threads > 0:
-        torch.set_num_threads(threads)
+    from .cli import set_threads
+    set_threads(threads)
     lengths = [int(n) for n in lengths]
     dtypes = [str(d) for d in dtypes]
     for d in dtypes:

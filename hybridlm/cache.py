@@ -2,14 +2,17 @@
 
 Attention layers own fixed K/V buffers ``[b, h_kv, s_max, d_h]`` written at positions (local-attention
 layers keep only their window); Mamba layers own a conv window ``[b, d_in, k-1]`` and an SSM state
-``[b, d_in, n]`` kept in fp32 whatever the weights' dtype. Nothing grows by concatenation.
+``[b, d_in, n]`` kept in fp32 whatever the weights' dtype; Mamba-2 layers a conv window over x, B, C and an
+SSM state ``[b, n_heads, head_dim, d_state]`` in fp32. Nothing grows by concatenation.
+
+Feed-forward-only layers (``f``/``F``, Nemotron-H's MLP layers) hold no state: their entry is None.
 
 ``valid[b, s]`` marks which slots hold real tokens (False for left padding) and ``seen[b]`` counts the
 real tokens of each row, which is the position the next token has (RoPE).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +21,20 @@ import torch
 class MambaState:
     conv: torch.Tensor  # [b, d_in, k-1], model dtype
     ssm: torch.Tensor   # [b, d_in, n], fp32
+    trail: "MambaTrail | None" = None   # set by Cache.checkpoint(trail=True): the next forward records into it
+
+
+class Mamba2State(MambaState):
+    """A Mamba-2 (SSD) layer's state (mamba2.py): conv [b, conv_dim, k-1] over x, B and C side by side (model
+    dtype), ssm [b, n_heads, head_dim, d_state] fp32. A MambaState, so snapshots and byte counts take it as is."""
+
+
+def _mamba_shapes(cfg, kind: str, batch: int) -> tuple[tuple, tuple]:
+    """(conv shape, SSM shape) of a 'mamba' or 'mamba2' layer's state."""
+    if kind == "mamba2":
+        return ((batch, cfg.mamba2_conv_dim, cfg.mamba_d_conv - 1),
+                (batch, cfg.mamba2_n_heads, cfg.mamba2_head_dim, cfg.mamba2_d_state))
+    return (batch, cfg.d_inner, cfg.mamba_d_conv - 1), (batch, cfg.d_inner, cfg.mamba_d_state)
 
 
 @dataclass
@@ -44,10 +61,13 @@ class Cache:
         layers = []
         for i in range(cfg.num_hidden_layers):
             kind = cfg.mixer(i)
-            if kind == "mamba":
-                layers.append(MambaState(
-                    conv=torch.zeros(batch, cfg.d_inner, cfg.mamba_d_conv - 1, dtype=dtype, device=device),
-                    ssm=torch.zeros(batch, cfg.d_inner, cfg.mamba_d_state, dtype=torch.float32, device=device)))
+            if kind is None:                    # a feed-forward-only layer ('f'/'F') keeps no state
+                layers.append(None)
+            elif kind in ("mamba", "mamba2"):
+                conv, ssm = _mamba_shapes(cfg, kind, batch)
+                layers.append((Mamba2State if kind == "mamba2" else MambaState)(
+                    conv=torch.zeros(conv, dtype=dtype, device=device),
+                    ssm=torch.zeros(ssm, dtype=torch.float32, device=device)))
             else:
                 window = cfg.sliding_window if kind == "local" else None
                 slots = max_len if window is None else min(window, max_len)
@@ -79,7 +99,7 @@ class Cache:
         for i, s in enumerate(self.layers):
             if isinstance(s, MambaState):
                 out[f"layers.{i}.conv"], out[f"layers.{i}.ssm"] = s.conv, s.ssm
-            else:
+            elif isinstance(s, KVState):
                 out[f"layers.{i}.k"], out[f"layers.{i}.v"] = s.k, s.v
         return out
 
@@ -90,9 +110,75 @@ class Cache:
             if isinstance(s, MambaState):
                 conv += s.conv.numel() * s.conv.element_size()
                 ssm += s.ssm.numel() * s.ssm.element_size()
-            else:
+            elif isinstance(s, KVState):
                 kv += 2 * s.k.numel() * s.k.element_size()
         return {"kv": kv, "conv": conv, "ssm": ssm, "total": kv + conv + ssm}
+
+    # ---- rows: continuous batching (serve.py) and what code outside this file may read -----------
+    @property
+    def device(self) -> torch.device:
+        return self.valid.device
+
+    def kernel_view(self) -> tuple[list, torch.Tensor, int]:
+        """(per-layer states, validity mask [b, max_len], slots written): the raw buffers a fused decode
+        kernel reads and writes in place (kernels/decode_cpu.py). Everything else goes through methods."""
+        return self.layers, self.valid, self.pos
+
+    def _lead(self, row: int) -> int:
+        """Leading invalid slots of ``row`` (left padding, or slots before the row joined the batch)."""
+        valid = self.valid[row, :self.pos]
+        return int(valid.int().argmax()) if bool(valid.any()) else self.pos
+
+    def _empty_like(self, batch: int, max_len: int) -> "Cache":
+        """A zeroed cache with this one's layer kinds, shapes, dtypes and device, for ``batch`` x ``max_len``
+        (what ``allocate`` builds for the same model)."""
+        layers = []
+        for s in self.layers:
+            if isinstance(s, MambaState):
+                layers.append(type(s)(conv=s.conv.new_zeros((batch, *s.conv.shape[1:])),
+                                      ssm=s.ssm.new_zeros((batch, *s.ssm.shape[1:]))))
+            elif s is None:
+                layers.append(None)
+            else:
+                slots = max_len if s.window is None else min(s.window, max_len)
+                shape = (batch, s.k.shape[1], slots, s.k.shape[3])
+                layers.append(KVState(s.k.new_zeros(shape), s.v.new_zeros(shape), s.window))
+        return Cache(layers, batch, max_len, self.device, self.fingerprint)
+
+    @classmethod
+    def gather(cls, parts: list[tuple["Cache", int]], room: int) -> "Cache":
+        """A new cache whose row j is row ``parts[j][1]`` of cache ``parts[j][0]`` (caches of one model),
+        right-aligned, with ``room`` free positions: rows join and leave a running batch this way. Leading
+        invalid slots of a row (left padding) are dropped, so the batch is as long as its longest row, not
+        as its history. Positions (RoPE) come from ``seen`` and are kept; the model reads the slots before
+        a shorter row as left padding."""
+        if not parts:
+            raise ValueError("gather needs at least one row")
+        leads = [c._lead(r) for c, r in parts]
+        lengths = [c.pos - lead for (c, _), lead in zip(parts, leads)]
+        p = max(lengths)
+        out = parts[0][0]._empty_like(len(parts), p + room)
+        for j, ((c, r), lead, n) in enumerate(zip(parts, leads, lengths)):
+            o = p - n                          # slot shift: old slot s -> s - lead + o
+            out.valid[j, o:p] = c.valid[r, lead:c.pos]
+            out.seen[j] = c.seen[r]
+            for src, dst in zip(c.layers, out.layers):
+                if src is None:
+                    continue
+                if isinstance(src, MambaState):
+                    dst.conv[j] = src.conv[r]
+                    dst.ssm[j] = src.ssm[r]
+                elif src.window is None:
+                    dst.k[j, :, o:p] = src.k[r, :, lead:c.pos]
+                    dst.v[j, :, o:p] = src.v[r, :, lead:c.pos]
+                else:                          # ring buffers: slot s lives at index s % ring size
+                    keep = min(src.k.shape[2], dst.k.shape[2], n)
+                    slots = torch.arange(c.pos - keep, c.pos, device=src.k.device)
+                    to = torch.remainder(slots - lead + o, dst.k.shape[2])
+                    dst.k[j, :, to] = src.k[r, :, torch.remainder(slots, src.k.shape[2])]
+                    dst.v[j, :, to] = src.v[r, :, torch.remainder(slots, src.v.shape[2])]
+        out.pos = p
+        return out
 
     # ---- snapshots: save, fork, roll back -----------------------------------------------------
     def snapshot(self, logits: torch.Tensor | None = None, model=None) -> "Snapshot":
@@ -122,7 +208,7 @@ class Cache:
             if isinstance(s, MambaState):
                 out[f"layers.{i}.conv"] = (tuple(s.conv.shape), s.conv.dtype)
                 out[f"layers.{i}.ssm"] = (tuple(s.ssm.shape), s.ssm.dtype)
-            else:
+            elif isinstance(s, KVState):
                 b, h, _, d = s.k.shape
                 slots = pos if s.window is None else (min(pos, s.window), s.window)
                 out[f"layers.{i}.k"] = out[f"layers.{i}.v"] = ((b, h, slots, d), s.k.dtype)
@@ -158,6 +244,94 @@ class Cache:
                 # (pos <= its slots, checked above) saved from a cache of another length
                 own[k][:, :, :pos].copy_(t[:, :, :pos])
         self.pos = pos
+
+    # ---- speculative decoding: checkpoint before a verify chunk, roll rejected tokens back ------
+    def checkpoint(self, span: int, trail: bool = False) -> "Checkpoint":
+        """The little a rollback needs before the next ``span`` tokens are written (speculative.py):
+        the position counters, every Mamba layer's conv window and SSM state, and the local-attention
+        ring slots those tokens will overwrite. Full-attention slots need nothing: tokens only ever
+        write slots past ``pos``, so a rollback just invalidates them.
+
+        ``trail``: the next forward's Mamba-1 layers also record their conv inputs and the SSM state at
+        every position (mamba.py), so ``rollback`` can keep any prefix of that forward by copying."""
+        mamba, ring, trails = {}, {}, {}
+        for i, s in enumerate(self.layers):
+            if isinstance(s, MambaState):
+                mamba[i] = (s.conv.clone(), s.ssm.clone())
+                s.trail = MambaTrail() if trail else None
+                if trail:
+                    trails[i] = s.trail
+            elif s is not None and s.window is not None:
+                r = s.k.shape[2]     # the ring slots the span writes, in position order (all of them if it wraps)
+                idx = torch.remainder(torch.arange(self.pos, self.pos + min(span, r), device=s.k.device), r)
+                ring[i] = (idx, s.k[:, :, idx].clone(), s.v[:, :, idx].clone())
+        return Checkpoint(self.pos, self.seen.clone(), span, mamba, ring, trails)
+
+    def rollback(self, ck: "Checkpoint", keep: int = 0) -> int:
+        """Return, in place, to the state ``ck`` was taken in plus the first ``keep`` tokens of the forward
+        that followed it; returns how many it kept. Slots past those are invalidated (and zeroed, so the
+        buffers equal those of a cache that never saw the rejected tokens) and ring slots restored.
+
+        Mamba states: with the checkpoint's trail (strategy 2 of issue 14) the SSM state after ``keep``
+        tokens is a copy and the conv window is rebuilt from the recorded inputs, so all ``keep`` are kept.
+        Without one (or a ring the forward wrapped around, or a layer that records no trail, Mamba-2's)
+        the checkpoint's states come back and 0 is returned: the caller runs the kept tokens again
+        (strategy 1)."""
+        if not ck.pos <= self.pos <= ck.pos + ck.span:
+            raise ValueError(f"checkpoint at position {ck.pos} (+{ck.span}) does not cover the cache's "
+                             f"position {self.pos}")
+        if not 0 <= keep <= self.pos - ck.pos:
+            raise ValueError(f"cannot keep {keep} tokens: {self.pos - ck.pos} were written since the checkpoint")
+        mambas = [s for s in self.layers if isinstance(s, MambaState)]
+        if keep and not (len(ck.trails) == len(mambas)
+                         and all(t.u is not None and keep <= t.u.shape[1] for t in ck.trails.values())
+                         and all(ck.span <= self.layers[i].k.shape[2] for i in ck.ring)):
+            keep = 0
+        end = ck.pos + keep
+        for i, s in enumerate(self.layers):
+            if isinstance(s, MambaState):
+                s.trail = None
+                conv, ssm = ck.mamba[i]
+                if keep == 0:
+                    s.conv.copy_(conv)
+                    s.ssm.copy_(ssm)
+                    continue
+                t = ck.trails[i]
+                s.ssm.copy_(t.ssm[:, keep] if keep < t.u.shape[1] else t.last)
+                window = torch.cat([conv, t.u.transpose(1, 2).to(conv.dtype)], -1)     # [b, d_in, k-1+l]
+                s.conv.copy_(window[:, :, keep:keep + conv.shape[2]])
+            elif s is None:
+                continue
+            elif s.window is None:
+                s.k[:, :, end:self.pos] = 0
+                s.v[:, :, end:self.pos] = 0
+            else:
+                idx, k, v = ck.ring[i]
+                s.k[:, :, idx[keep:]] = k[:, :, keep:]
+                s.v[:, :, idx[keep:]] = v[:, :, keep:]
+        self.valid[:, end:self.pos] = False
+        self.seen.copy_(ck.seen + self.valid[:, ck.pos:end].sum(1))
+        self.pos = end
+        return keep
+
+
+@dataclass
+class MambaTrail:
+    """A Mamba-1 layer's record of one forward after ``Cache.checkpoint(trail=True)`` (filled by mamba.py)."""
+    u: torch.Tensor | None = None        # [b, l, d_in] the conv's inputs (padding zeroed)
+    ssm: torch.Tensor | None = None      # [b, l, d_in, n] fp32: the SSM state before each token
+    last: torch.Tensor | None = None     # [b, d_in, n] fp32: the state after the last
+
+
+@dataclass
+class Checkpoint:
+    """What ``Cache.rollback`` restores: taken by ``Cache.checkpoint`` before ``span`` tokens."""
+    pos: int
+    seen: torch.Tensor                                              # [b]
+    span: int
+    mamba: dict[int, tuple[torch.Tensor, torch.Tensor]]             # layer -> (conv, ssm)
+    ring: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # layer -> (ring slots, k, v)
+    trails: dict[int, MambaTrail] = field(default_factory=dict)     # layer -> what its next forward recorded
 
 
 SNAPSHOT_FORMAT = "hybridlm-snapshot-1"
@@ -229,9 +403,11 @@ def _state_layout(cfg, batch: int, pos: int, dtype: torch.dtype) -> dict:
     out = {"valid": ((batch, pos), torch.bool), "seen": ((batch,), torch.long)}
     for i in range(cfg.num_hidden_layers):
         kind = cfg.mixer(i)
-        if kind == "mamba":
-            out[f"layers.{i}.conv"] = ((batch, cfg.d_inner, cfg.mamba_d_conv - 1), dtype)
-            out[f"layers.{i}.ssm"] = ((batch, cfg.d_inner, cfg.mamba_d_state), torch.float32)
+        if kind is None:
+            continue
+        if kind in ("mamba", "mamba2"):
+            conv, ssm = _mamba_shapes(cfg, kind, batch)
+            out[f"layers.{i}.conv"], out[f"layers.{i}.ssm"] = (conv, dtype), (ssm, torch.float32)
         else:
             w = cfg.sliding_window
             slots = pos if kind == "attention" else (min(pos, w), w)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from .cache import Snapshot
 from .chat_template import ChatFormat, KnownTexts, TextStream, text_decoder
 from .generate import Generation, Sampling, StopCriteria, stream
 from .prefix_cache import PrefillJob, PrefixCache, remember_reply
+from .speculative import Speculative
 
 HELP = """commands: /reset (new conversation), /save PATH, /load PATH, /help, /quit"""
 
@@ -34,14 +36,17 @@ class Turn:
     first_token_s: float
     seconds: float
     finish_reason: str
+    speculative: str = ""       # speculative decoding's acceptance, when on
 
 
 class ChatSession:
     """A conversation with a model: history, sampling settings and the saved state of the last turn."""
 
     def __init__(self, model, fmt: ChatFormat, system: str = "", max_new_tokens: int = 512,
-                 sampling: Sampling | None = None, store: PrefixCache | None = None, context: int | None = None):
+                 sampling: Sampling | None = None, store: PrefixCache | None = None, context: int | None = None,
+                 speculative: Speculative | None = None):
         self.model, self.fmt = model, fmt
+        self.speculative = speculative
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling or Sampling()
@@ -74,20 +79,22 @@ class ChatSession:
         t0 = time.perf_counter()
         job = PrefillJob(self.model, ids, len(ids) + max_new + 1, self.store, prompt.boundaries).run()
         text_out = TextStream(self.decode, self.fmt.stop_ids, self.fmt.stop_strings)
-        gen = Generation(max_new, self.sampling, StopCriteria(self.fmt.stop_ids))
+        gen = Generation(max_new, self.sampling, StopCriteria(self.fmt.stop_ids), speculative=self.speculative)
         empty = torch.empty(1, 0, dtype=torch.long)
         generated: list[int] = []
         first = None
         interrupted = False
         try:
-            for step in stream(self.model, empty, gen, cache=job.cache, logits=job.logits):
-                token = int(step[0])
-                if first is None:
-                    first = time.perf_counter() - t0
-                generated.append(token)
-                on_text(text_out.push(token))
-                if text_out.finish_reason:
-                    break
+            # closing: a speculative stream left early rolls the cache back to the tokens taken
+            with closing(stream(self.model, empty, gen, cache=job.cache, logits=job.logits, history=[ids])) as steps:
+                for step in steps:
+                    token = int(step[0])
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    generated.append(token)
+                    on_text(text_out.push(token))
+                    if text_out.finish_reason:
+                        break
         except KeyboardInterrupt:
             # the cache may be mid-update: keep the text, not the state
             interrupted = True
@@ -100,7 +107,8 @@ class ChatSession:
             self.known.add(self.text, self.tokens)
         else:
             self.tokens, self.text, self.state = [], "", None
-        return Turn(len(ids), job.reused, len(generated), first or 0.0, time.perf_counter() - t0, finish)
+        spec = self.speculative.stats.summary() if self.speculative is not None else ""
+        return Turn(len(ids), job.reused, len(generated), first or 0.0, time.perf_counter() - t0, finish, spec)
 
     def save(self, path: str):
         """The state after the last reply plus the conversation, in one snapshot file."""
@@ -112,10 +120,9 @@ class ChatSession:
 
     def load(self, path: str):
         """Resume a conversation saved with ``save`` (same model and dtype)."""
-        snap = Snapshot.load(path)
+        snap = Snapshot.load(path, self.model)   # checked against this model before its tensors are read
         if not {"conversation", "tokens", "text"} <= snap.meta.keys():
             raise ValueError(f"{path} is a state snapshot without a conversation; save one with /save in chat")
-        snap.check(self.model)
         tokens = json.loads(snap.meta["tokens"])
         self.store.store(tokens, snap)
         self.messages = json.loads(snap.meta["conversation"])
@@ -193,11 +200,14 @@ def repl(session: ChatSession, inp=None, out=None, err=None, show_stats: bool = 
             rate = turn.new_tokens / turn.seconds if turn.seconds > 0 else 0.0
             print(f"[{turn.prompt_tokens} prompt tokens ({turn.reused_tokens} reused), {turn.new_tokens} new; "
                   f"first token {turn.first_token_s:.2f}s; {rate:.1f} tok/s; {turn.finish_reason}]", file=err)
+            if turn.speculative:
+                print(f"[{turn.speculative}]", file=err)
 
 
 def chat(model: str, system: str = "", max_new_tokens: int = 512, temperature: float = 0.8,
          top_p: float = 0.95, top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0, dtype: str = "auto",
-         prefix_cache: str = "256MB", load: str = "", threads: int = 0, stats: bool = True, quantize: str = "") -> int:
+         prefix_cache: str = "256MB", load: str = "", threads: int = 0, stats: bool = True, quantize: str = "",
+         speculative: str = "", draft_k: int = 4) -> int:
     """Chat with a checkpoint in the terminal, replies streamed; commands /reset, /save PATH, /load PATH,
     /quit. The conversation's state is kept, so each turn processes only its new tokens.
 
@@ -220,6 +230,9 @@ def chat(model: str, system: str = "", max_new_tokens: int = 512, temperature: f
         load: resume a conversation saved with /save
         threads: torch CPU threads (0: torch's default)
         stats: print tokens, time to first token and speed after each reply (to stderr)
+        speculative: speculative decoding: lookup (drafts copied from the conversation) or draft:PATH
+            (a small model with the same tokenizer); same replies, fewer forwards of the model (empty: off)
+        draft_k: tokens drafted per verifying forward with --speculative
 
     Examples:
         hybridlm chat --model ./out --system "You are a terse assistant."
@@ -227,17 +240,17 @@ def chat(model: str, system: str = "", max_new_tokens: int = 512, temperature: f
         hybridlm chat --model ./out --load chat.state
     """
     from .checkpoint import load_model, parse_dtype
-    from .cli import CLIError
+    from .cli import CLIError, set_threads
     from .config import PRESETS
     from .summary import parse_bytes
     if model in PRESETS:
         raise CLIError(f"'{model}' is a preset (random weights, no tokenizer); chat needs a checkpoint directory")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     m = load_model(model, dtype=parse_dtype(dtype), quantize=quantize)
     fmt = ChatFormat.from_dir(model)
+    from .speculative import from_flag
     session = ChatSession(m, fmt, system, max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty, seed),
-                          PrefixCache(parse_bytes(prefix_cache)))
+                          PrefixCache(parse_bytes(prefix_cache)), speculative=from_flag(speculative, draft_k, m, dtype))
     if load:
         session.load(load)
     return repl(session, show_stats=stats)

@@ -106,11 +106,72 @@ def _environment():
         from datetime import datetime
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    class Bounded(ImmutableSandboxedEnvironment):
+        """The sandbox blocks unsafe attribute access, not unbounded work: a template is untrusted input
+        (it comes with a downloaded checkpoint), so ``'x' * 10**10`` and ``n ** 10**9`` are refused here,
+        and loops and output are bounded per render (``_RenderBudget``)."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                        raise jinja2.exceptions.SecurityError(f"the template repeats a sequence of {len(seq)} "
+                                                              f"{n} times (limit {MAX_TEMPLATE_CHARS:,} items)")
+            if operator == "**" and isinstance(right, int) and isinstance(left, int) and abs(left) > 1 and right > 64:
+                raise jinja2.exceptions.SecurityError(f"the template raises {left} to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.globals.pop("lipsum", None)   # a text generator no chat template needs (lipsum(10**7) is minutes of work)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
+
+
+# Per render of a chat template: loop iterations over range(), characters of output, seconds. Real
+# templates use a few thousand iterations and emit the conversation (a 256K-token context is ~1M chars).
+MAX_TEMPLATE_LOOPS = 1_000_000
+MAX_TEMPLATE_CHARS = 16_000_000
+MAX_TEMPLATE_SECONDS = 10.0
+
+
+class _RenderBudget:
+    """Bounds one render: ``range`` counts every iteration of every loop over it, and the output is
+    collected chunk by chunk; either checks the clock. Exceeding a bound raises TemplateError."""
+
+    def __init__(self):
+        import time
+        self._clock = time.monotonic
+        self._deadline = self._clock() + MAX_TEMPLATE_SECONDS
+        self.loops = 0
+
+    def _check_time(self):
+        import jinja2
+        if self._clock() > self._deadline:
+            raise jinja2.exceptions.TemplateError(f"rendering took more than {MAX_TEMPLATE_SECONDS:g} s")
+
+    def range(self, *args):
+        import jinja2
+        for i in range(*args):
+            self.loops += 1
+            if self.loops > MAX_TEMPLATE_LOOPS:
+                raise jinja2.exceptions.TemplateError(f"the template loops more than {MAX_TEMPLATE_LOOPS:,} times")
+            if self.loops % 4096 == 0:
+                self._check_time()
+            yield i
+
+    def collect(self, chunks) -> str:
+        import jinja2
+        out, n = [], 0
+        for c in chunks:
+            n += len(c)
+            if n > MAX_TEMPLATE_CHARS:
+                raise jinja2.exceptions.TemplateError(f"the rendered prompt exceeds {MAX_TEMPLATE_CHARS:,} characters")
+            out.append(c)
+            self._check_time()
+        return "".join(out)
 
 
 def _token_text(value) -> str | None:
@@ -193,11 +254,15 @@ class ChatTemplate:
         # OpenAI clients send content=None / tool_calls=None; templates handle missing keys, not None
         clean = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, **kwargs}
+        budget = _RenderBudget()
         try:
-            return self._compiled[name].render(messages=clean, tools=tools or None, documents=documents,
-                                               add_generation_prompt=add_generation_prompt, **variables)
+            return budget.collect(self._compiled[name].generate(
+                messages=clean, tools=tools or None, documents=documents,
+                add_generation_prompt=add_generation_prompt, **variables, range=budget.range))
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template refused the conversation: {e}") from None
+        except RecursionError:
+            raise ValueError(f"chat template from {self.origin} recurses without end") from None
 
 
 def _special_tokens(config: dict) -> dict[str, str]:
@@ -325,20 +390,104 @@ class KnownTexts:
 
 
 # ---- streamed detokenization ------------------------------------------------------------------------
-@dataclass
+# a character held back this many tokens (its UTF-8 bytes still incomplete) is given up on and sent as
+# decoded (U+FFFD): no real character spans that many tokens, and it bounds the window decoded per token
+_MAX_PENDING = 64
+
+
+class Detokenizer:
+    """Token ids -> text, decoding only a small window of recent tokens at each step (O(1) per token,
+    where decoding the whole reply each time is O(n) per token).
+
+    The window is the tokens of the last step that produced text (their text is known) plus the tokens
+    since; the new text is what decoding the window adds to the known part. Decoding with that context
+    keeps what depends on it right: SentencePiece drops the leading spaces of a decode (so the context
+    reaches back to a visible character), and byte-level tokens join into characters across tokens. A
+    window whose text ends in an incomplete UTF-8 character (decoded as U+FFFD) waits for more tokens.
+    Tokens that add no text (special tokens, skipped) are left out of the window. This is the "prefix
+    offset / read offset" scheme of Hugging Face's text-generation-inference and of ``tokenizers``'
+    ``DecodeStream``, for any ``decode(ids) -> str`` (a tokenizer's or a GGUF vocabulary's alike).
+
+    ``push(token)`` -> (text now final, text not final yet): the second is the decoded tail that may still
+    change (a trailing U+FFFD); it is replaced at the next push."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self._known: list[int] = []      # tokens whose text is known and final
+        self._known_text = ""            # decode(_known)
+        self._pending: list[int] = []    # tokens since, whose text may still change
+        self._given = 0                  # chars of the pending text already returned as final
+        self._anchor: list[int] = []     # the last tokens known whose text is not only whitespace
+        self._run: list[int] = []        # tokens known since, all whitespace
+
+    def push(self, token: int) -> tuple[str, str]:
+        window = self._pending + [token]
+        text = self.decode(self._known + window)
+        new = text[len(self._known_text):]
+        if not new and not self._pending:
+            return "", ""                # adds no text (a skipped special token): not needed as context
+        if new.endswith("\ufffd") and len(window) < _MAX_PENDING:
+            self._pending = window
+            stable = new.rstrip("\ufffd")
+            out, self._given = stable[self._given:], max(self._given, len(stable))
+            return out, new[len(stable):]
+        out = new[self._given:]
+        self._pending, self._given = [], 0
+        text = self.decode(window)
+        if text.strip():
+            self._anchor, self._run = window, []
+            self._known, self._known_text = window, text
+        else:
+            # whitespace alone is not context enough: SentencePiece drops every leading space of a decode, so
+            # keep the tokens back to the last visible character (or the reply's start, as a full decode has)
+            # (a long run needs only its end: what follows the anchor's character is kept whatever its length)
+            self._run = (self._run + window)[-_MAX_PENDING:]
+            self._known = self._anchor + self._run
+            self._known_text = self.decode(self._known)
+        return out, ""
+
+
+def _failure(s: str) -> list[int]:
+    """KMP failure table: f[i] = length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    f, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
 class TextStream:
     """Generated ids -> text deltas that are safe to send: text that could still become a stop string,
     and a trailing incomplete UTF-8 character (decoded as U+FFFD), are held back until resolved.
 
     ``push`` returns the new text; ``finish_reason`` becomes "stop" at a stop token or stop string
-    (neither is part of the text)."""
-    decode: Callable[[list[int]], str]
-    stop_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0
-    finish_reason: str | None = None
+    (neither is part of the text). Each push decodes a few tokens (``Detokenizer``) and reads each new
+    character once: the stop strings are matched incrementally (Knuth-Morris-Pratt, one state per stop
+    string: the longest prefix of it the text ends with, which is also how much text is held back), so a
+    reply of n tokens costs O(n) whatever its length and its stop strings'."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_ids: Sequence[int] = (),
+                 stop_strings: Sequence[str] = ()):
+        self.decode = decode
+        self.stop_ids = tuple(stop_ids)
+        self.stop_strings = tuple(s for s in stop_strings if s)   # an empty stop string cannot be matched
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.sent = 0                      # characters sent
+        self._detok = Detokenizer(decode)
+        self._pieces: list[str] = []       # the final text, in pieces (joined when read)
+        self._unsent = ""                  # the end of the final text not sent yet (at most the hold-back)
+        self._tail = ""                    # decoded text that may still change (a trailing U+FFFD)
+        self._tables = [_failure(s) for s in self.stop_strings]
+        self._states = [0] * len(self.stop_strings)
+
+    @property
+    def text(self) -> str:
+        """The reply's text so far (without a stop string and what followed it)."""
+        return "".join(self._pieces) + self._tail
 
     def push(self, token: int) -> str:
         if self.finish_reason is not None:
@@ -347,29 +496,65 @@ class TextStream:
             self.finish_reason = "stop"
             return self.flush()
         self.tokens.append(token)
-        self.text = self.decode(self.tokens)
+        new, self._tail = self._detok.push(token)
         if self.stop_strings:
-            # only the unsent tail (plus room for a stop string straddling it) can hold a new match
-            lo = max(0, self.sent - max(map(len, self.stop_strings)))
-            hits = [i for s in self.stop_strings if (i := self.text.find(s, lo)) >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.finish_reason = "stop"
+            cut = self._match(new)
+            if cut is not None:             # keep the text before the stop string; drop the rest
+                self.finish_reason, self._tail = "stop", ""
+                if cut >= 0:
+                    self._append(new[:cut])
+                else:                       # it began in text held back (unsent) at earlier pushes
+                    self._drop(-cut)
                 return self.flush()
-        end = len(self.text.rstrip("\ufffd"))
-        hold = 0
-        for s in self.stop_strings:
-            hold = max([hold] + [k for k in range(1, len(s)) if self.text.endswith(s[:k], 0, end)])
-        end = max(end - hold, self.sent)
-        delta = self.text[self.sent:end]
-        self.sent = end
+        self._append(new)
+        hold = max(self._states, default=0)
+        delta = self._unsent[:max(len(self._unsent) - hold, 0)]
+        self._unsent = self._unsent[len(delta):]
+        self.sent += len(delta)
         return delta
 
     def flush(self) -> str:
         """All text not sent yet (at the end of generation)."""
-        delta = self.text[self.sent:]
-        self.sent = len(self.text)
+        delta = self._unsent + self._tail
+        if self._tail:
+            self._pieces.append(self._tail)
+            self._tail = ""
+        self._unsent = ""
+        self.sent += len(delta)
         return delta
+
+    def _match(self, new: str) -> int | None:
+        """Feed ``new`` to every stop string's matcher; the index in ``new`` where the earliest completed
+        stop string starts (negative: it starts in text held back before ``new``), or None."""
+        first = None
+        for j, (s, f) in enumerate(zip(self.stop_strings, self._tables)):
+            k = self._states[j]
+            for i, c in enumerate(new):
+                while k and c != s[k]:
+                    k = f[k - 1]
+                if c == s[k]:
+                    k += 1
+                if k == len(s):
+                    start = i + 1 - len(s)
+                    first = start if first is None else min(first, start)
+                    break
+            self._states[j] = k
+        return first
+
+    def _append(self, new: str):
+        if new:
+            self._pieces.append(new)
+            self._unsent += new
+
+    def _drop(self, n: int):
+        """Remove the last ``n`` characters of the final text (all held back, so none was sent)."""
+        self._unsent = self._unsent[:len(self._unsent) - n]
+        while n:
+            last = self._pieces.pop()
+            if len(last) > n:
+                self._pieces.append(last[:len(last) - n])
+                break
+            n -= len(last)
 
 
 # ---- tool calls -------------------------------------------------------------------------------------

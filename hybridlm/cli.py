@@ -44,6 +44,21 @@ class CLIError(Exception):
     """A user error: printed without a traceback, exit code 2."""
 
 
+def set_threads(threads: int):
+    """``--threads`` of the inference commands: torch's CPU threads (0 keeps torch's default). More threads
+    than cores only slows torch and the kernels down (each waits on the others' time slices), so it is
+    refused, as ``hybridlm train`` refuses it."""
+    import os
+
+    import torch
+    cores = os.cpu_count() or 1
+    if threads < 0 or threads > cores:
+        raise CLIError(f"--threads {threads}: give 1 to {cores} (the CPU cores of this machine), or 0 for torch's "
+                       f"default")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def missing_dependency(e: ImportError, command: str | None = None) -> str:
     """What to say when ``command`` stops on ImportError ``e``: the package and the extra that installs it."""
     name = (e.name or "").split(".")[0]

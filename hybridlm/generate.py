@@ -4,19 +4,25 @@ sampling, streaming, batches of prompts of different lengths.
 Split as gpt-fast does: ``prefill`` (the prompt, in chunks of ``prefill_chunk`` tokens so memory stays
 bounded whatever the prompt length; each chunk continues from the state the previous one left),
 ``decode_step`` (one token per row), ``sample`` (logits -> token), and the loops ``stream`` / ``generate``
-on top. The chat CLI and the server use ``stream`` too.
+on top. The chat CLI and the server use ``stream`` too. With ``Generation.speculative`` (speculative.py)
+a step of the same loop verifies several drafted tokens in one forward and yields each token it decides.
 
 Batches: prompts are left-padded to one length; the pad mask keeps padding out of the Mamba state and
 out of every attention window, so each row generates what it would generate alone.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .cache import Cache
+
+if TYPE_CHECKING:
+    from .speculative import Speculative
 
 DEFAULT_PREFILL_CHUNK = 2048
 # below this temperature sampling is greedy: logits / t would overflow fp32 (t = 1e-45 gives inf, then NaN)
@@ -32,8 +38,19 @@ class Sampling:
     top_p: float = 1.0             # 1.0: off
     repetition_penalty: float = 1.0  # CTRL-style (Keskar et al. 2019): >1 discourages tokens already seen
     seed: int | None = None
+    # ---- OpenAI's logit transforms (the server's; any caller may set them), applied before the above ----
+    presence_penalty: float = 0.0    # minus this for every token already generated (``counts`` > 0)
+    frequency_penalty: float = 0.0   # minus this times how often a token was generated
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    vocab_limit: int = 0             # ids >= this are never sampled (a vocabulary padded past the tokenizer's); 0: off
+    _bias: tuple | None = field(default=None, init=False, repr=False, compare=False)   # logit_bias as tensors
 
     def __post_init__(self):
+        if not all(math.isfinite(x) for x in (self.presence_penalty, self.frequency_penalty,
+                                              *self.logit_bias.values())):
+            raise ValueError("presence_penalty, frequency_penalty and logit_bias values must be finite numbers")
+        if self.vocab_limit < 0:
+            raise ValueError(f"vocab_limit must be >= 0, got {self.vocab_limit}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -44,28 +61,62 @@ class Sampling:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [b, v] -> tokens [b]. ``seen`` [b, v] bool marks tokens to penalise (repetition penalty)."""
+def transform(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None,
+              counts: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [..., v] -> the fp32 logits ``sample`` draws from: the vocabulary limit, logit bias and
+    presence/frequency penalties, the repetition penalty, then (unless greedy) temperature, top-k and
+    top-p. ``seen`` [..., v] bool marks tokens to penalise; ``counts`` [..., v] how often each token was
+    generated (presence/frequency penalties). Speculative decoding (speculative.py) reads the same
+    distribution, softmax(transform(...)), to verify drafts."""
     logits = logits.float()
+    logits = _openai_transforms(logits, s, counts)
     if s.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if s.temperature < GREEDY_BELOW:
-        return logits.argmax(-1)
+        return logits
     logits = logits / s.temperature
     if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(-1) - probs >= s.top_p
-        drop[:, 0] = False   # the top token always stays (a top_p that rounds to 0 in fp32 would drop it)
+        drop[..., 0] = False   # the top token always stays (a top_p that rounds to 0 in fp32 would drop it)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [b, v] -> tokens [b]. ``seen`` [b, v] bool marks tokens to penalise (repetition penalty);
+    ``counts`` [b, v] counts each token generated so far (presence and frequency penalties)."""
+    logits = transform(logits, s, seen, counts)
+    if s.temperature < GREEDY_BELOW:
+        return logits.argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _openai_transforms(logits: torch.Tensor, s: Sampling, counts: torch.Tensor | None) -> torch.Tensor:
+    """The server's transforms, in OpenAI's order: never sample ids past ``vocab_limit``, add
+    ``logit_bias``, subtract presence and frequency penalties (counts of the completion so far). fp32
+    logits in; a new tensor out when anything applies."""
+    if s.vocab_limit and s.vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., s.vocab_limit:] = float("-inf")
+    if s.logit_bias:
+        if s._bias is None or s._bias[0].device != logits.device:
+            # one indexed add, not one per entry: a request may bias the whole vocabulary
+            s._bias = (torch.tensor(list(s.logit_bias), dtype=torch.long, device=logits.device),
+                       torch.tensor(list(s.logit_bias.values()), dtype=torch.float32, device=logits.device))
+        logits = logits.index_add(-1, s._bias[0], s._bias[1].expand(*logits.shape[:-1], -1))
+    if (s.presence_penalty or s.frequency_penalty) and counts is not None:
+        counts = counts.to(logits)
+        logits = logits - (s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(logits))
+    return logits
 
 
 @torch.no_grad()
@@ -117,14 +168,25 @@ class StopCriteria:
         if self.strings and self.decode is None:
             raise ValueError("stop strings need a decode function (a tokenizer) to read the generated text")
 
+    def watch(self) -> Callable[[int], bool]:
+        """A checker for one row: give it each new token; True once the row is finished. Stop strings are
+        found as the server finds them (``chat_template.TextStream``: the decoded text, read
+        incrementally), so a token costs the same however long the reply."""
+        if not self.strings:
+            ids = frozenset(self.token_ids)
+            return lambda token: token in ids
+        from .chat_template import TextStream
+        text = TextStream(self.decode, self.token_ids, self.strings)
+
+        def finished(token: int) -> bool:
+            text.push(token)
+            return text.finish_reason is not None
+        return finished
+
     def hit(self, new_tokens: list[int]) -> bool:
-        if new_tokens and new_tokens[-1] in self.token_ids:
-            return True
-        if self.strings:
-            # only the tail can contain a newly completed stop string
-            text = self.decode(new_tokens[-64:])
-            return any(s in text for s in self.strings)
-        return False
+        """Whether a row that generated ``new_tokens`` is finished (reads them all; per step, ``watch``)."""
+        finished = self.watch()
+        return any(finished(t) for t in new_tokens)
 
 
 @dataclass
@@ -134,15 +196,20 @@ class Generation:
     sampling: Sampling = field(default_factory=Sampling)
     stop: StopCriteria = field(default_factory=StopCriteria)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    speculative: "Speculative | None" = None   # speculative.py: several tokens verified per target forward
 
 
 @torch.no_grad()
 def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor | None = None,
-           cache: Cache | None = None, logits: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+           cache: Cache | None = None, logits: torch.Tensor | None = None,
+           history: list[list[int]] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [b] per step; finished rows yield -1 from then on.
 
     With ``cache`` given, ``input_ids`` continue from its state (an empty ``input_ids`` plus the
-    ``logits`` the cache ended on continue without any prefill: a restored snapshot).
+    ``logits`` the cache ended on continue without any prefill: a restored snapshot); ``history`` (the
+    tokens already in that cache, per row) is what a speculative drafter looks up and a draft model reads.
+    With ``gen.speculative``, closing the generator early (``break`` in a for loop) rolls the cache back to
+    the tokens consumed, so it always ends as plain decoding leaves it: every yielded token but the last fed.
     """
     b, l = input_ids.shape
     if gen.max_new_tokens < 0:
@@ -163,22 +230,37 @@ def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor |
         seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=logits.device)
         if l:
             seen.scatter_(1, input_ids, mask if mask is not None else True)
+    counts = None   # tokens generated per row, for presence/frequency penalties
+    if s.presence_penalty or s.frequency_penalty:
+        counts = torch.zeros(b, logits.shape[-1], device=logits.device)
     done = torch.zeros(b, dtype=torch.bool)
-    new: list[list[int]] = [[] for _ in range(b)]
-    for step in range(gen.max_new_tokens):
-        tok = sample(logits, s, g, seen)
-        out = tok.masked_fill(done, -1)
-        yield out
-        for i in range(b):
-            if not done[i]:
-                new[i].append(int(tok[i]))
-                if gen.stop.hit(new[i]):
+    finished = [gen.stop.watch() for _ in range(b)]   # per row: give it each token, True once it stops
+    # speculative decoding (speculative.py): one verify step decides several tokens, queued here
+    spec = None if gen.speculative is None else gen.speculative.start(model, cache, input_ids, mask, history, gen)
+    queued: list[torch.Tensor] = []
+    tok = None      # the last token emitted, which a speculative step starts from
+    try:
+        for step in range(gen.max_new_tokens):
+            if not queued:
+                queued = spec.step(tok, done, seen, g, gen.max_new_tokens - step, counts) \
+                    if spec is not None and step else [sample(logits, s, g, seen, counts)]
+            tok = queued.pop(0)
+            out = tok.masked_fill(done, -1)
+            yield out
+            for i in range(b):
+                if not done[i] and finished[i](int(tok[i])):
                     done[i] = True
-        if bool(done.all()) or step + 1 == gen.max_new_tokens:
-            return
-        if seen is not None:
-            seen[torch.arange(b), tok] = True
-        logits = decode_step(model, cache, tok)
+            if bool(done.all()) or step + 1 == gen.max_new_tokens:
+                return
+            if seen is not None:
+                seen[torch.arange(b), tok] = True
+            if counts is not None:
+                counts[torch.arange(b), tok] += 1
+            if spec is None:
+                logits = decode_step(model, cache, tok)
+    finally:
+        if spec is not None:      # tokens verified but not consumed leave the cache
+            spec.settle(len(queued))
 
 
 @torch.no_grad()
@@ -186,15 +268,20 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperatu
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
              stop_token_ids: tuple[int, ...] | list[int] = (), stop_strings: tuple[str, ...] | list[str] = (),
              decode: Callable[[list[int]], str] | None = None, attention_mask: torch.Tensor | None = None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_token_id: int | None = None) -> torch.Tensor:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_token_id: int | None = None,
+             speculative: "Speculative | str | None" = None) -> torch.Tensor:
     """[b, l] -> [b, l + n]: the prompt followed by up to ``max_new_tokens`` tokens per row.
 
     Rows that stop early (a stop token or stop string) are filled with ``pad_token_id`` (default: the
     config's) after their last token; ``attention_mask`` [b, l] (1 = token, 0 = left padding) lets a
-    batch hold prompts of different lengths.
+    batch hold prompts of different lengths. ``speculative``: "lookup" or a ``speculative.Speculative``
+    (same output distribution, fewer target forwards; its ``stats`` say how many tokens each took).
     """
+    if isinstance(speculative, str):
+        from .speculative import Speculative
+        speculative = Speculative(speculative)
     gen = Generation(max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty, seed),
-                     StopCriteria(tuple(stop_token_ids), tuple(stop_strings), decode), prefill_chunk)
+                     StopCriteria(tuple(stop_token_ids), tuple(stop_strings), decode), prefill_chunk, speculative)
     mask = attention_mask.bool() if attention_mask is not None else None
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     steps = [t.masked_fill(t < 0, pad if pad is not None else 0) for t in stream(model, input_ids, gen, mask)]
@@ -205,7 +292,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperatu
 
 def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                 dtype: str = "auto", stop: list[str] | None = None, prompt_file: str = "", quantize: str = "") -> int:
+                 dtype: str = "auto", stop: list[str] | None = None, prompt_file: str = "", quantize: str = "",
+                 speculative: str = "", draft_k: int = 4) -> int:
     """Generate a continuation of a prompt with a checkpoint, streaming tokens as they come.
 
     Args:
@@ -221,10 +309,14 @@ def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, tempera
         stop: stop strings
         prompt_file: read the prompt from this file instead
         quantize: quantize the weights while loading: int8, int4, or a spec such as int4:g32 (empty: off)
+        speculative: speculative decoding: lookup (drafts copied from the context) or draft:PATH
+            (a small model with the same tokenizer); same output, fewer forwards of the model (empty: off)
+        draft_k: tokens drafted per verifying forward with --speculative
 
     Examples:
         hybridlm generate ./out --prompt "def fibonacci(n):" --max-new-tokens 80
         hybridlm generate bench-88m --prompt "1 2 3" --max-new-tokens 8
+        hybridlm generate ./out --prompt-file code.py --speculative lookup --draft-k 6
     """
     import sys
     import time
@@ -253,23 +345,27 @@ def generate_cli(model: str, prompt: str = "", max_new_tokens: int = 64, tempera
         raise ValueError(f"--max-new-tokens {max_new_tokens}: the prompt's {len(ids)} tokens leave room for 1 to "
                          f"{max(room, 0)} new tokens in the model's context of {m.config.max_position_embeddings} "
                          f"(max_position_embeddings); the cache is allocated for them up front")
+    from .speculative import from_flag
+    spec = from_flag(speculative, draft_k, m, dtype)
     gen = Generation(max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty, seed),
-                     StopCriteria(stop_ids, tuple(stop or ()), decode if stop else None))
+                     StopCriteria(stop_ids, tuple(stop or ()), decode if stop else None), speculative=spec)
     t0 = time.perf_counter()
     out: list[int] = []
-    shown = ""
+    from .chat_template import TextStream
+    text = TextStream(decode)   # decodes only the new tokens; holds an incomplete character back
     for step, t in enumerate(stream(m, torch.tensor([ids]), gen)):
         if step == 0:
             ttft = time.perf_counter() - t0
         if int(t[0]) < 0:
             break
         out.append(int(t[0]))
-        full = decode(out)
-        sys.stdout.write(full[len(shown):])
+        sys.stdout.write(text.push(int(t[0])))
         sys.stdout.flush()
-        shown = full
+    sys.stdout.write(text.flush())
     dt = time.perf_counter() - t0
     n = len(out)
     print(f"\n[{len(ids)} prompt tokens, {n} new; first token {ttft if n else 0:.2f}s; "
           f"{n / dt:.1f} tok/s overall]", file=sys.stderr)
+    if spec is not None:
+        print(f"[{spec.stats.summary()}]", file=sys.stderr)
     return 0

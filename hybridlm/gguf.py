@@ -577,6 +577,24 @@ def check_exportable(cfg: HybridConfig):
         problems.append("rotary position embeddings (rope_theta): llama.cpp's Jamba has no positional encoding")
     if any(c.lower() == "w" for c in cfg.pattern):
         problems.append("sliding-window attention layers: llama.cpp's Jamba has full attention only")
+    other = sorted({c for c in cfg.pattern if c not in "mMaAwW"})
+    if other:
+        problems.append(f"layout symbols {other} (Mamba-2 layers, layers without a mixer or without a "
+                        f"feed-forward): llama.cpp's Jamba graph has Mamba-1 ('m'/'M') and attention ('a'/'A') "
+                        f"layers, each with a feed-forward, only")
+    scaled = [f"{k} {getattr(cfg, k)}" for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+              if getattr(cfg, k) != 1]
+    if cfg.attention_multiplier is not None:
+        scaled.append(f"attention_multiplier {cfg.attention_multiplier}")
+    if scaled:
+        problems.append(f"multipliers ({', '.join(scaled)}): llama.cpp's Jamba applies none")
+    if cfg.shared_expert_intermediate_size:
+        problems.append("a shared expert (shared_expert_intermediate_size): llama.cpp's Jamba has none")
+    if cfg.router_scoring != "softmax" or cfg.moe_intermediate_size not in (None, cfg.intermediate_size):
+        problems.append("a sigmoid router or experts of their own width (moe_intermediate_size): llama.cpp's Jamba "
+                        "has softmax-routed experts as wide as its MLPs")
+    if getattr(cfg, "mlp_hidden_act", "silu") != "silu":
+        problems.append(f"mlp_hidden_act {cfg.mlp_hidden_act!r}: llama.cpp's Jamba MLPs are SwiGLU ('silu')")
     if cfg.mamba_expand != 2:
         problems.append(f"mamba_expand {cfg.mamba_expand}: llama.cpp's Jamba supports 2 only")
     if cfg.mamba_proj_bias:

@@ -50,13 +50,17 @@ class MambaMixer(nn.Module):
         the conv window or the SSM state: a left-padded row ends in the state it would have alone.
         """
         b, l, _ = x.shape
-        if l == 1 and state is not None and mask is None and \
+        # speculative decoding (Cache.checkpoint(trail=True)): record what a rollback by copy needs
+        trail = state.trail if state is not None and state.trail is not None and state.trail.u is None else None
+        if l == 1 and state is not None and mask is None and trail is None and \
                 decode_kernels(x, self.in_proj, self.x_proj, self.dt_proj, self.out_proj):
             return mamba_step(self, x, state)                   # the same computation, fused (kernels/decode_cpu.py)
         xz = self.in_proj(x)                                    # [b, l, 2*d_in]
         u, z = xz.chunk(2, dim=-1)                              # [b, l, d_in] each
         if mask is not None:
             u = u * mask[..., None]
+        if trail is not None:
+            trail.u = u.detach()
         u = causal_conv1d(u, self.conv1d.weight[:, 0], self.conv1d.bias,
                           state.conv if state is not None else None)   # [b, l, d_in], SiLU applied
         if mask is not None:
@@ -69,8 +73,12 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())                      # [d_in, n]
         # delta = softplus(dt + bias) in fp32 (the reference kernel's delta_bias, delta_softplus), and the
         # output gate y * silu(z): both inside selective_scan, which fuses them where it can (kernels/)
+        states = None if trail is None else torch.empty(b, l, self.d_in, self.n, dtype=torch.float32,
+                                                           device=x.device)
         y, h = selective_scan(u, dt, A, B, C, self.D.float(), state.ssm if state is not None else None,
-                              delta_bias=self.dt_proj.bias, z=z)          # y: [b, l, d_in] in z's dtype
+                              delta_bias=self.dt_proj.bias, z=z, states=states)   # y: [b, l, d_in] in z's dtype
+        if trail is not None:
+            trail.ssm, trail.last = states, h
         if state is not None:
             state.ssm.copy_(h)
         return self.out_proj(y.to(x.dtype))

@@ -1,7 +1,10 @@
 """The hybrid Transformer-Mamba language model (Jamba: Lieber et al. 2024).
 
-A stack of decoder layers, each: x + mixer(norm(x)), then x + ffn(norm(x)); the mixer is Mamba or
-attention and the feed-forward a SwiGLU MLP or a mixture of experts, per ``cfg.pattern``. Module and
+A stack of decoder layers, each: x + mixer(norm(x)), then x + ffn(norm(x)); the mixer is Mamba, Mamba-2
+(mamba2.py) or attention and the feed-forward a SwiGLU (or relu^2) MLP or a mixture of experts, per
+``cfg.pattern``; a layer may hold the mixer alone or the feed-forward alone (Nemotron-H: ``s_``, ``a_``,
+``f``, ``F``; the other half and its norm are then absent)
+(Granite 4.0-H adds a shared expert and muP-style multipliers: ``cfg.*_multiplier``, ``cfg.logits_scaling``). Module and
 parameter names are transformers' hub names, so a Jamba checkpoint loads key for key.
 
 Glossary: b batch, l tokens in this call, d hidden size, v vocabulary.
@@ -24,6 +27,7 @@ from .cache import Cache
 from .config import HybridConfig, preset
 from .kernels import Linear, decode_plan
 from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer
 from .moe import MLP, MoE, load_balancing_loss
 from .norm import RMSNorm
 
@@ -40,26 +44,43 @@ class StepContext:
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: HybridConfig, i: int):
         super().__init__()
-        self.kind = cfg.mixer(i)
+        self.kind = cfg.mixer(i)                       # None: a feed-forward-only layer ('f'/'F')
         if self.kind == "mamba":
             self.mamba = MambaMixer(cfg)
-        else:
+        elif self.kind == "mamba2":
+            self.mamba = Mamba2Mixer(cfg)
+        elif self.kind is not None:
             self.self_attn = Attention(cfg, window=cfg.sliding_window if self.kind == "local" else None)
-        self.feed_forward = MoE(cfg) if cfg.is_moe(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        ffn = cfg.has_feed_forward(i)                  # False: a mixer-only layer ('s_', 'a_', ...)
+        act = cfg.mlp_hidden_act
+        self.feed_forward = (MoE(cfg) if cfg.is_moe(i) else MLP(cfg.hidden_size, cfg.intermediate_size, act)) \
+            if ffn else None
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.kind is not None else None
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if ffn else None
+        # Granite 4.0, Nemotron-H: a dense expert every token takes, added to the MoE's output
+        self.shared_mlp = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, act) \
+            if cfg.shared_expert_intermediate_size and ffn and cfg.is_moe(i) else None
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x, state, ctx: StepContext):
-        h = self.input_layernorm(x)
-        if self.kind == "mamba":
-            x = x + self.mamba(h, state, ctx.mask)
-        else:
-            x = x + self.self_attn(h, state, ctx)
+        if self.kind is not None:
+            h = self.input_layernorm(x)
+            if self.kind in ("mamba", "mamba2"):
+                h = self.mamba(h, state, ctx.mask)
+            else:
+                h = self.self_attn(h, state, ctx)
+            x = x + (h * self.residual_multiplier if self.residual_multiplier != 1 else h)
+        if self.feed_forward is None:
+            return x, None
         h = self.pre_ff_layernorm(x)
+        router_logits = None
         if isinstance(self.feed_forward, MoE):
             f, router_logits = self.feed_forward(h)
-            return x + f, router_logits
-        return x + self.feed_forward(h), None
+        else:
+            f = self.feed_forward(h)
+        if self.shared_mlp is not None:
+            f = f + self.shared_mlp(h)
+        return x + (f * self.residual_multiplier if self.residual_multiplier != 1 else f), router_logits
 
 
 class Backbone(nn.Module):
@@ -76,11 +97,13 @@ def init_value(name: str, shape: tuple[int, ...], std: float, g: torch.Generator
     """The fresh fp32 value of parameter ``name`` (``HybridLM.init_weights``; random values drawn from
     ``g``). Every rule is row by row, so ``shape`` may also be that of a block of leading rows
     (random_checkpoint.py makes big tensors a block at a time)."""
+    if name.endswith("A_log") and len(shape) == 1:     # Mamba-2: one rate per head, 1..h (transformers' init)
+        return torch.log(torch.arange(1, shape[0] + 1, dtype=torch.float32))
     if name.endswith("A_log"):
         return torch.log(torch.arange(1, shape[1] + 1, dtype=torch.float32)).expand(shape)
-    if name.endswith(".D") or "layernorm" in name:
+    if name.endswith(".D") or "layernorm" in name or name.endswith("mamba.norm.weight"):
         return torch.ones(shape)
-    if name.endswith("dt_proj.bias"):
+    if name.endswith(("dt_proj.bias", "dt_bias")):
         # dt ~ log-uniform in [1e-3, 1e-1], bias = softplus^-1(dt)
         dt = torch.exp(torch.rand(shape, generator=g) * (torch.log(torch.tensor(0.1)) -
                        torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
@@ -108,7 +131,8 @@ class HybridLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device="cpu",
                         allow_pickle: bool = False, quantize=None) -> "HybridLM":
-        """Load a HuggingFace-format Jamba checkpoint directory (config.json + safetensors) or a llama.cpp
+        """Load a HuggingFace-format Jamba, Granite 4.0-H (``granitemoehybrid``), Bamba or Nemotron-H
+        (``nemotron_h``) checkpoint directory (config.json + safetensors; families.py maps the last three), or a llama.cpp
         ``jamba`` GGUF file (see gguf.py); ``quantize`` ("int8", "int4", ... see quant.py) quantizes the
         linear layers while loading. The parameters require grad, as transformers' from_pretrained gives
         them (fine-tune it as it is; run inference under ``torch.no_grad()``, as ``generate`` does); a
@@ -117,7 +141,8 @@ class HybridLM(nn.Module):
         return load_pretrained(path, dtype=dtype, device=device, allow_pickle=allow_pickle, quantize=quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None):
-        """Write config.json + safetensors in the hub layout (transformers and vLLM read it)."""
+        """Write config.json + safetensors in the hub layout (transformers and vLLM read it); a model loaded
+        from a Granite 4.0-H or Bamba checkpoint is written back in that format (``config.family``)."""
         from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
@@ -164,6 +189,8 @@ class HybridLM(nn.Module):
                 torch.arange(l, device=input_ids.device).expand(b, l)
             ctx = StepContext(0, positions, mask, None)
         x = self.model.embed_tokens(input_ids)                                   # [b, l, d]
+        if self.config.embedding_multiplier != 1:
+            x = x * self.config.embedding_multiplier
         router_logits = []
         for i, layer in enumerate(self.model.layers):
             state = cache.layers[i] if cache is not None else None
@@ -187,7 +214,12 @@ class HybridLM(nn.Module):
         h, _ = self.hidden(input_ids, cache, mask)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [b, l, d] -> logits [b, l, v] (divided by ``logits_scaling``, Granite)."""
+        out = self.lm_head(h)
+        return out / self.config.logits_scaling if self.config.logits_scaling != 1 else out
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              activation_loss_coef: float = 0.0) -> dict:
@@ -200,7 +232,7 @@ class HybridLM(nn.Module):
         of every layer's output, averaged over layers. 'act' is 0 when the coefficient is 0."""
         outs = [] if activation_loss_coef else None
         h, router_logits = self.hidden(input_ids, layer_outputs=outs)
-        logits = self.lm_head(h)
+        logits = self.logits(h)
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=ignore_index)
         aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok) if router_logits \

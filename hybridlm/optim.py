@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .mamba import MambaMixer
+from .mamba2 import Mamba2Mixer
 from .norm import RMSNorm
 
 
@@ -28,6 +29,8 @@ def decays(module: nn.Module, name: str, param: nn.Parameter) -> bool:
         return False
     if isinstance(module, MambaMixer) and name in ("A_log", "D"):
         return False
+    if isinstance(module, Mamba2Mixer) and name in ("A_log", "D", "dt_bias"):   # Mamba-2: also its dt bias,
+        return False                                                            # as mamba_ssm's Mamba2 marks it
     return True
 
 

@@ -9,7 +9,7 @@ The engine batches: every step it gives a slice of prefill to the requests that 
 long prompt does not stall the others) and runs one decode step for all running rows together.
 Requests join and leave the batch at any step: rows live in one cache, right-aligned, with the slots
 before a shorter row marked invalid, which the model already treats as left padding
-(see ``generate.left_pad``); ``_gather`` rebuilds that cache when the set of rows changes.
+(see ``generate.left_pad``); ``Cache.gather`` rebuilds that cache when the set of rows changes.
 
 Prompt-state reuse (``prefix_cache``): each prompt starts from the longest stored prefix state; the
 states at message boundaries, at the end of each prompt and after each reply are stored, so the next
@@ -19,6 +19,8 @@ prompt tokens were reused.
 Prompts are always tokenized afresh (a cache must not change results), so the state after a reply
 serves the next turn when the reply's text tokenizes back to the ids generated, which is the rule for
 a trained model; otherwise the turn continues from the state after the previous prompt.
+With ``serve --prefix-cache-dir`` the states are also written to disk (``prefix_cache.SnapshotDir``), so a
+restarted server answers the next turn of a conversation without reading it again.
 
 Clients are told apart by API key (the Authorization header), else by address (``client_id``). A
 client's prompt states are stored in its own part of the prefix cache, so ``cached_tokens`` (or the time
@@ -42,12 +44,12 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch
 
-from .cache import Cache, MambaState
+from .cache import Cache
 from .chat_template import TOOL_CALL_MARKERS, ChatFormat, Prompt, TextStream
 from .chat_template import parse_tool_calls, text_decoder
 from .generate import Sampling, decode_step, sample
@@ -69,7 +71,7 @@ class Limits:
     max_request_jobs: int = 16        # completions (prompts x n) in one request; more are refused with 400
     max_client_jobs: int = 64         # completions one client may have waiting or running; more get 429
     max_stops: int = 4                # stop strings per request (OpenAI's limit)
-    max_stop_chars: int = 256         # characters per stop string (the hold-back check grows with its square)
+    max_stop_chars: int = 256         # characters per stop string
     read_timeout: float = 30.0        # seconds for a request's body to arrive (and its head, see http_protocol)
 
 
@@ -98,6 +100,8 @@ class Job:
     stop_strings: tuple[str, ...] = ()
     index: int = 0
     boundaries: list[int] = field(default_factory=list)
+    # folded into ``sampling`` (which owns every logit transform) when the job starts; kept as fields for
+    # callers that build jobs by hand
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -109,7 +113,8 @@ class Job:
     text: TextStream | None = None
     prefill: PrefillJob | None = None
     generator: torch.Generator | None = None
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None   # logit_bias as (ids, values), built once
+    seen: torch.Tensor | None = None      # [1, v] bool: prompt and reply tokens (repetition penalty)
+    counts: torch.Tensor | None = None    # [1, v]: how often each token was generated (presence/frequency)
 
 
 class Engine:
@@ -123,9 +128,8 @@ class Engine:
         self.model, self.limits, self.store = model, limits, store
         self.decode = text_decoder(tokenizer)
         vocab_size = getattr(tokenizer, "vocab_size", None)
-        v = model.config.vocab_size
         # ids the tokenizer cannot decode (a model vocabulary padded past the tokenizer's) are never sampled
-        self._blocked = slice(vocab_size, v) if vocab_size and vocab_size < v else None
+        self._vocab_limit = vocab_size if vocab_size and vocab_size < model.config.vocab_size else 0
         self._pending: deque[Job] = deque()
         self._starting: deque[Job] = deque()
         self._joining: list[tuple[Job, Cache, int]] = []   # prompt done, first token sampled, not in the batch yet
@@ -285,7 +289,7 @@ class Engine:
     def _decode(self):
         """One decode step for every row; a row whose sampling or text raises fails alone."""
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
-        logits = decode_step(self.model, self._batch, torch.tensor(self._last, device=self._batch.valid.device))
+        logits = decode_step(self.model, self._batch, torch.tensor(self._last, device=self._batch.device))
         keep = []
         for i, job in enumerate(self._rows):
             try:
@@ -311,7 +315,7 @@ class Engine:
     def _regather(self, parts, jobs: list[Job]) -> Cache:
         # room for every row's remaining tokens, +1 to feed the last one when its state is stored
         room = max(j.max_new - len(j.generated) + 1 for j in jobs)
-        return _gather(self.model, parts, room)
+        return Cache.gather(parts, room)
 
     def _drop_cancelled(self):
         with self._cv:   # the event loop appends to _pending
@@ -330,31 +334,31 @@ class Engine:
         return _ScopedStore(self.store, job.client)
 
     def _sample(self, job: Job, logits: torch.Tensor) -> int:
-        """logits [v] -> the next token of ``job``, with its penalties, biases and generator."""
-        x = logits.float().clone()
-        if self._blocked is not None:
-            x[self._blocked] = float("-inf")
-        if job.logit_bias:
-            if job.bias is None:   # one indexed add, not one per entry: a request may bias the whole vocabulary
-                job.bias = (torch.tensor(list(job.logit_bias), dtype=torch.long, device=x.device),
-                            torch.tensor(list(job.logit_bias.values()), dtype=x.dtype, device=x.device))
-            x[job.bias[0]] += job.bias[1]
-        if (job.presence_penalty or job.frequency_penalty) and job.generated:
-            # OpenAI's definition: counts of each token in the completion so far
-            counts = torch.bincount(torch.tensor(job.generated), minlength=x.shape[0]).to(x)
-            x -= job.frequency_penalty * counts + job.presence_penalty * (counts > 0).to(x)
-        seen = None
-        if job.sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(1, x.shape[0], dtype=torch.bool)
-            seen[0, torch.tensor(job.ids + job.generated)] = True
-        if job.generator is None and job.sampling.temperature > 0:
+        """logits [v] -> the next token of ``job``: ``generate.sample`` with the job's sampling (its
+        penalties, biases and vocabulary limit), its token counts and its generator."""
+        if job.generator is None:   # the job's first token: fold the request's transforms into its sampling
+            s = job.sampling
+            job.sampling = replace(s, logit_bias={**s.logit_bias, **job.logit_bias},
+                                   presence_penalty=job.presence_penalty or s.presence_penalty,
+                                   frequency_penalty=job.frequency_penalty or s.frequency_penalty,
+                                   vocab_limit=self._vocab_limit or s.vocab_limit)
             seed = job.sampling.seed if job.sampling.seed is not None else secrets.randbits(63)
             job.generator = torch.Generator().manual_seed(seed)
-        return int(sample(x[None], job.sampling, job.generator, seen)[0])
+            v = logits.shape[-1]
+            if job.sampling.repetition_penalty != 1.0:
+                job.seen = torch.zeros(1, v, dtype=torch.bool)
+                job.seen[0, torch.tensor(job.ids)] = True
+            if job.sampling.presence_penalty or job.sampling.frequency_penalty:
+                job.counts = torch.zeros(1, v)
+        return int(sample(logits[None], job.sampling, job.generator, job.seen, job.counts)[0])
 
     def _accept(self, job: Job, token: int) -> bool:
         """Record ``token``; send its text; False when the job is finished."""
         job.generated.append(token)
+        if job.seen is not None:
+            job.seen[0, token] = True
+        if job.counts is not None:
+            job.counts[0, token] += 1
         delta = job.text.push(token)
         if job.text.finish_reason is None and len(job.generated) >= job.max_new:
             job.text.finish_reason = "length"
@@ -369,7 +373,7 @@ class Engine:
         if store is not None and not job.cancelled:
             # after the answer is out; the next request is served by this thread, so it finds the state
             try:
-                one = cache if cache.batch == 1 else _gather(self.model, [(cache, row)], 1)
+                one = cache if cache.batch == 1 else Cache.gather([(cache, row)], 1)
                 remember_reply(self.model, one, job.ids + job.generated, job.generated[-1], store)
             except Exception:   # the answer is out already; only the reuse of its state is lost
                 log.exception("storing a reply's state failed")
@@ -393,36 +397,8 @@ class _ScopedStore:
 
 
 def _gather(model, parts: list[tuple[Cache, int]], room: int) -> Cache:
-    """A new cache whose row j is row ``parts[j][1]`` of cache ``parts[j][0]``, right-aligned, with
-    ``room`` free positions. Leading invalid slots of a row (left padding) are dropped, so the batch is
-    as long as its longest row, not as its history. Positions (RoPE) come from ``seen`` and are kept."""
-    leads, lengths = [], []
-    for c, r in parts:
-        valid = c.valid[r, :c.pos]
-        lead = int(valid.int().argmax()) if bool(valid.any()) else c.pos
-        leads.append(lead)
-        lengths.append(c.pos - lead)
-    p = max(lengths)
-    out = model.new_cache(len(parts), p + room)
-    for j, ((c, r), lead, n) in enumerate(zip(parts, leads, lengths)):
-        o = p - n                          # slot shift: old slot s -> s - lead + o
-        out.valid[j, o:p] = c.valid[r, lead:c.pos]
-        out.seen[j] = c.seen[r]
-        for src, dst in zip(c.layers, out.layers):
-            if isinstance(src, MambaState):
-                dst.conv[j] = src.conv[r]
-                dst.ssm[j] = src.ssm[r]
-            elif src.window is None:
-                dst.k[j, :, o:p] = src.k[r, :, lead:c.pos]
-                dst.v[j, :, o:p] = src.v[r, :, lead:c.pos]
-            else:                          # ring buffers: slot s lives at index s % ring size
-                keep = min(src.k.shape[2], dst.k.shape[2], n)
-                slots = torch.arange(c.pos - keep, c.pos, device=src.k.device)
-                to = torch.remainder(slots - lead + o, dst.k.shape[2])
-                dst.k[j, :, to] = src.k[r, :, torch.remainder(slots, src.k.shape[2])]
-                dst.v[j, :, to] = src.v[r, :, torch.remainder(slots, src.v.shape[2])]
-    out.pos = p
-    return out
+    """``Cache.gather`` (kept under this name for callers of the engine's earlier helper)."""
+    return Cache.gather(parts, room)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------------
@@ -569,13 +545,19 @@ def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatF
         try:
             yield
         finally:
-            # uvicorn has already waited for open requests (graceful shutdown); end the model thread
+            # uvicorn has already waited for open requests (graceful shutdown); end the model thread, then
+            # finish writing the prompt states queued for disk
             await asyncio.to_thread(engine.stop)
+            if prefix_cache is not None:
+                await asyncio.to_thread(prefix_cache.close)
 
     app = FastAPI(title="hybridlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.served, app.state.prefix_cache = engine, served, prefix_cache
     app.add_middleware(_InternalErrors)
-    client_key = secrets.token_bytes(16)
+    # with states on disk, the key that scopes them to clients must outlive the process, or a restarted
+    # server would never find a client's stored prompts again
+    disk = prefix_cache.disk if prefix_cache is not None else None
+    client_key = disk.secret() if disk is not None else secrets.token_bytes(16)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -840,10 +822,12 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
 
     fmt = served.fmt
     try:
-        sampling = Sampling(req.temperature, req.top_k, req.top_p, req.repetition_penalty, req.seed)
+        stops, bias = _stops(req, fmt, served.limits), _bias(req, engine.model.config.vocab_size)
+        sampling = Sampling(req.temperature, req.top_k, req.top_p, req.repetition_penalty, req.seed,
+                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                            logit_bias=bias)
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
-    stops, bias = _stops(req, fmt, served.limits), _bias(req, engine.model.config.vocab_size)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -857,12 +841,9 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
     for p, prompt in enumerate(prompts):
         for c in range(req.n):
             # seed + c may pass 2**63 - 1: torch's generators take seeds up to 2**64 - 1
-            s = sampling if req.seed is None or c == 0 else Sampling(
-                sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, req.seed + c)
+            s = sampling if req.seed is None or c == 0 else replace(sampling, seed=req.seed + c)
             jobs.append(Job(prompt.ids, max_new, s, emit, fmt.stop_ids, stops, index=p * req.n + c,
-                            boundaries=prompt.boundaries, logit_bias=bias,
-                            presence_penalty=req.presence_penalty,
-                            frequency_penalty=req.frequency_penalty, client=client))
+                            boundaries=prompt.boundaries, client=client))
     kind = "chatcmpl" if chat else "cmpl"
     rid = f"{kind}-{secrets.token_hex(12)}"
     created = int(time.time())
@@ -1029,7 +1010,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
           context: int = 0, max_new_tokens: int = 2048, max_batch: int = 16, max_queue: int = 256,
           max_body: str = "4MB", prefix_cache: str = "512MB", snapshot_every: int = 1024, threads: int = 0,
           log_level: str = "info", quantize: str = "", max_request_jobs: int = 16, max_client_jobs: int = 64,
-          read_timeout: float = 30.0) -> int:
+          read_timeout: float = 30.0, prefix_cache_dir: str = "", prefix_cache_disk: str = "4GB") -> int:
     """Serve a checkpoint over the OpenAI API on /v1 (chat completions with streaming and tools, completions,
     models; /health); prompt states are kept and reused. Ctrl-C stops it after open requests finish.
 
@@ -1053,7 +1034,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
             its new requests get 429
         read_timeout: seconds a client has to send a request's head, and then its body
         max_body: largest request body, e.g. 4MB
-        prefix_cache: memory for saved prompt states, e.g. 512MB (0 turns reuse off)
+        prefix_cache: memory for saved prompt states, e.g. 512MB (0 turns reuse off, unless on disk)
+        prefix_cache_dir: also keep prompt states in this directory, so that a restarted server continues
+            a conversation without reading it again (files of another model there are skipped)
+        prefix_cache_disk: disk space for the states in --prefix-cache-dir, e.g. 4GB (least recently used
+            ones are deleted)
         snapshot_every: also save the state every N tokens of a long prompt (0: only at message ends)
         threads: torch CPU threads (0: torch's default)
         log_level: uvicorn log level (debug, info, warning, error)
@@ -1068,7 +1053,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
     import uvicorn
 
     from .checkpoint import load_model, parse_dtype
-    from .cli import CLIError
+    from .cli import CLIError, set_threads
     from .config import PRESETS
     from .summary import parse_bytes
     if model in PRESETS:
@@ -1077,8 +1062,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
         raise CLIError(f"--port must be in 1..65535, got {port}")
     if min(max_request_jobs, max_client_jobs) < 1 or not read_timeout > 0:
         raise CLIError("--max-request-jobs and --max-client-jobs must be >= 1, --read-timeout > 0")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     m = load_model(model, dtype=parse_dtype(dtype), quantize=quantize)
     fmt = ChatFormat.from_dir(model)
     cap = m.config.max_position_embeddings
@@ -1088,11 +1072,20 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
                     max_queue=max_queue, max_body_bytes=parse_bytes(max_body), snapshot_every=snapshot_every,
                     max_request_jobs=max_request_jobs, max_client_jobs=max_client_jobs, read_timeout=read_timeout)
     budget = parse_bytes(prefix_cache)
-    store = PrefixCache(budget) if budget > 0 else None
+    disk = None
+    if prefix_cache_dir:
+        from .prefix_cache import SnapshotDir
+        try:
+            disk = SnapshotDir(prefix_cache_dir, parse_bytes(prefix_cache_disk), m)
+        except OSError as e:
+            raise CLIError(f"--prefix-cache-dir {prefix_cache_dir}: {e}") from None
+    store = PrefixCache(budget, disk) if budget > 0 or disk is not None else None
     served_name = name or Path(model).resolve().name
     app = create_app(m, name=served_name, chat_format=fmt, limits=limits, prefix_cache=store)
     print(f"serving {served_name} on http://{host}:{port}/v1 (chat template: {fmt.template.origin}; "
-          f"context {limits.context}; prefix cache {prefix_cache if store is not None else 'off'})", flush=True)
+          f"context {limits.context}; prefix cache {prefix_cache if store is not None else 'off'}"
+          + (f", on disk {prefix_cache_disk} in {disk.path} ({len(disk)} states)" if disk is not None else "")
+          + ")", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
                 http=http_protocol(limits.read_timeout))
     return 0

@@ -35,12 +35,19 @@ def parse_bytes(text: str) -> int:
 
 
 def layout_diagram(cfg: HybridConfig) -> str:
-    """One row per layer: index, mixer, feed-forward, pattern symbol."""
-    rows = [f"layout {cfg.pattern}  (m/M mamba, a/A attention, w/W local; upper case = MoE)"]
+    """One row per layer: index, pattern symbol, mixer, feed-forward ('-' where the layer has none)."""
+    legend = "m/M mamba, s/S mamba-2, a/A attention, w/W local; upper case = MoE"
+    if cfg.single_sublayer:
+        legend += "; s_ a_ ... mixer alone, f/F feed-forward alone"
+    rows = [f"layout {cfg.pattern}  ({legend})"]
+    mlp = "MLP" if cfg.mlp_hidden_act == "silu" else f"MLP {cfg.mlp_hidden_act}"
+    width = max(map(len, cfg.layer_symbols))
     for i in range(cfg.num_hidden_layers):
-        mixer = {"mamba": "Mamba    ", "attention": "ATTENTION", "local": "LOCAL-ATT"}[cfg.mixer(i)]
-        ffn = f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}" if cfg.is_moe(i) else "MLP"
-        rows.append(f"  {i:3d}  {cfg.pattern[i]}  {mixer} | {ffn}")
+        mixer = {"mamba": "Mamba    ", "mamba2": "Mamba-2  ", "attention": "ATTENTION",
+                 "local": "LOCAL-ATT", None: "-        "}[cfg.mixer(i)]
+        ffn = "-" if not cfg.has_feed_forward(i) else \
+            f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}" if cfg.is_moe(i) else mlp
+        rows.append(f"  {i:3d}  {cfg.layer_symbols[i]:{width}s}  {mixer} | {ffn}")
     return "\n".join(rows)
 
 
@@ -54,16 +61,50 @@ def param_counts(cfg: HybridConfig) -> dict[str, int]:
     return {"total": m.num_params(), "active": m.num_params(active=True)}
 
 
+# The process around the model: Python with torch and hybridlm imported and the kernel library loaded
+# (0.22 GiB RSS measured after `import hybridlm` on Linux x86-64, torch 2.13 CPU), rounded up.
+RUNTIME_BASE = 256 * 2**20
+
+
 @dataclass
 class MemoryPlan:
     weights: int
     kv: int
     conv: int
     ssm: int
+    runtime: int = 0    # the process and the prefill's working buffers (``runtime_bytes``; estimated)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.conv + self.ssm
+        return self.weights + self.kv + self.conv + self.ssm + self.runtime
+
+
+def runtime_bytes(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: str = "bfloat16",
+                  quantize=None) -> int:
+    """What a run holds besides weights and cache, estimated: ``RUNTIME_BASE`` plus the working buffers of
+    one prefill chunk (generate.DEFAULT_PREFILL_CHUNK tokens per row, or the context if shorter): the fp32
+    activations of its widest layer (in_proj's or the MLP's outputs, residual and norm buffers), and, for
+    weights not in fp32 (bf16, quantized), the fp32 copy of the largest linear weight a prefill GEMM
+    multiplies (on CPUs without fast bf16 matmuls, and for dequantized weights). The 3B shape's peak RSS
+    was 3-9% above weights + cache before this term was counted (benchmarks/results/quant_bench.md)."""
+    from .generate import DEFAULT_PREFILL_CHUNK
+    rows = batch * min(max(context, 1), DEFAULT_PREFILL_CHUNK)
+    d_in = max(cfg.d_inner, getattr(cfg, "mamba2_d_inner", 0) or 0)
+    ff = max(cfg.intermediate_size * max(1, min(cfg.num_experts_per_tok, cfg.num_experts)),
+             getattr(cfg, "shared_expert_intermediate_size", 0) or 0)
+    activations = rows * 4 * (2 * d_in + 2 * ff + 4 * cfg.hidden_size)
+    widest = cfg.hidden_size * max(2 * d_in, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_size)
+    upcast = 4 * widest if (weight_dtype != "float32" or quantize) else 0
+    ssd = 0
+    if "s" in cfg.pattern.lower():
+        # Mamba-2's chunked scan (mamba2.ssd_chunked): ~3 fp32 [b, chunks, heads, Q, Q] temporaries at once
+        # (the decay mask, its exp, the masked C B^T), a block of chunks of at most _BLOCK_ELEMS elements
+        from .mamba2 import _BLOCK_ELEMS
+        q = cfg.mamba2_chunk_size
+        per_chunk = batch * cfg.mamba2_n_heads * q * q
+        chunks = min(max(1, _BLOCK_ELEMS // per_chunk), -(-rows // (batch * q)))
+        ssd = 3 * 4 * per_chunk * chunks
+    return RUNTIME_BASE + activations + upcast + ssd
 
 
 def weight_bytes(cfg: HybridConfig, dtype: str = "bfloat16", quantize=None) -> int:
@@ -86,23 +127,22 @@ def memory_plan(cfg: HybridConfig, context: int, batch: int = 1, weight_dtype: s
     """Bytes of weights (``weight_bytes``: ``quantize``, a quant.py scheme, plans quantized linear
     layers), KV cache (attention layers), conv and SSM state (Mamba layers, SSM in fp32). ``weights``
     skips counting the weight bytes again (callers that plan many contexts pass it)."""
-    cb = _BYTES[cache_dtype]
-    kv = conv = ssm = 0
-    for i in range(cfg.num_hidden_layers):
-        kind = cfg.mixer(i)
-        if kind == "mamba":
-            conv += batch * cfg.d_inner * (cfg.mamba_d_conv - 1) * cb
-            ssm += batch * cfg.d_inner * cfg.mamba_d_state * 4
-        else:
-            slots = context if kind == "attention" else min(context, cfg.sliding_window)
-            kv += 2 * batch * cfg.num_key_value_heads * slots * cfg.head_size * cb
-    return MemoryPlan(weight_bytes(cfg, weight_dtype, quantize) if weights is None else weights, kv, conv, ssm)
+    import torch
+
+    from .cache import Cache
+    # the cache as the model allocates it, on the meta device (shapes only): one source for its layout
+    n = Cache.allocate(cfg, batch, context, getattr(torch, cache_dtype), device="meta").nbytes()
+    kv, conv, ssm = n["kv"], n["conv"], n["ssm"]
+    return MemoryPlan(weight_bytes(cfg, weight_dtype, quantize) if weights is None else weights, kv, conv, ssm,
+                      runtime_bytes(cfg, context, batch, weight_dtype, quantize))
 
 
 def transformer_twin(cfg: HybridConfig) -> HybridConfig:
     """The pure transformer of the same width, depth and MoE layout (every layer attention), the
     comparison Jamba's paper makes for KV-cache size."""
-    return cfg.replace(layout="".join("A" if cfg.is_moe(i) else "a" for i in range(cfg.num_hidden_layers)))
+    # every mixer becomes attention; feed-forward-only layers ('f'/'F') and mixer-only ones ('s_') stay so
+    return cfg.replace(layout="".join(sym if sym in "fF" else ("A" if sym.isupper() else "a") + sym[1:]
+                                      for sym in cfg.layer_symbols))
 
 
 def max_context(cfg: HybridConfig, budget: int, batch: int = 1, **kw) -> int:
@@ -146,10 +186,15 @@ def inspect_cmd(model: str, dtype: str = "auto", quantize: str = "") -> int:
         meta = load_model(model, device="meta", quantize=quantize or None)
         cfg, stored = meta.config, scheme_of(meta)
     counts = param_counts(cfg)
-    n_attn = sum(cfg.mixer(i) != "mamba" for i in range(cfg.num_hidden_layers))
+    kinds = [cfg.mixer(i) for i in range(cfg.num_hidden_layers)]
+    n_attn = sum(k in ("attention", "local") for k in kinds)
+    n_mamba = sum(k in ("mamba", "mamba2") for k in kinds)
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
-    print(f"model {model}: {cfg.num_hidden_layers} layers ({n_attn} attention, "
-          f"{cfg.num_hidden_layers - n_attn} Mamba; {n_moe} MoE), hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    ff_only = kinds.count(None)
+    no_ff = sum(not cfg.has_feed_forward(i) for i in range(cfg.num_hidden_layers))
+    alone = f"; {ff_only} feed-forward only, {no_ff} without a feed-forward" if ff_only or no_ff else ""
+    print(f"model {model}: {cfg.num_hidden_layers} layers ({n_attn} attention, {n_mamba} Mamba{alone}; "
+          f"{n_moe} MoE), hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
     print(layout_diagram(cfg))
     print(f"parameters: total {counts['total']:,}   active per token {counts['active']:,}")
     print("weight bytes: " + "   ".join(f"{k} {fmt_bytes(counts['total'] * b)}" for k, b in _BYTES.items()))
@@ -223,11 +268,13 @@ def plan_cmd(model: str, context: int = 262144, batch: int = 1, budget: str = ""
         kw["quantize"] = QuantScheme.parse(quantize)
     print(f"memory at context {context:,}, batch {batch}, {dtype}" + (f", weights {kw['quantize']}" if quantize
                                                                        else "") + ":")
-    print(f"  {'model':28s} {'weights':>11s} {'KV cache':>11s} {'conv state':>11s} {'SSM state':>11s} {'total':>11s}")
+    print(f"  {'model':28s} {'weights':>11s} {'KV cache':>11s} {'conv state':>11s} {'SSM state':>11s} "
+          f"{'runtime':>11s} {'total':>11s}")
     for name, c in rows:
         p = memory_plan(c, context, batch, **kw)
         print(f"  {name:28s} {fmt_bytes(p.weights):>11s} {fmt_bytes(p.kv):>11s} {fmt_bytes(p.conv):>11s} "
-              f"{fmt_bytes(p.ssm):>11s} {fmt_bytes(p.total):>11s}")
+              f"{fmt_bytes(p.ssm):>11s} {fmt_bytes(p.runtime):>11s} {fmt_bytes(p.total):>11s}")
+    print("  runtime: Python and torch, and one prefill chunk's working buffers (estimated)")
     hk, tk = memory_plan(cfg, context, batch, **kw).kv, memory_plan(twin, context, batch, **kw).kv
     if hk:
         print(f"  KV cache: the hybrid needs {tk / hk:.1f}x less than the pure transformer")

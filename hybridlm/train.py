@@ -482,6 +482,7 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
                              f"= {self.micro} x {world}; change one of them")
         self.accum = cfg.batch_size // (self.micro * world)
+        _check_micro_batch_fits(self.model_config, self.micro, cfg.seq_len, cfg.micro_batch == 0)
         val = evenly_spaced(len(self.val_seqs), cfg.eval_sequences)
         val = val[:len(val) // world * world]
         self.val_ids = val[self.d.rank::world]          # same count on every rank (FSDP needs that)
@@ -856,6 +857,25 @@ def plot_metrics(metrics: str | Path, png: str | Path):
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, png)
+
+
+def _check_micro_batch_fits(mc: HybridConfig, micro: int, seq_len: int, derived: bool):
+    """Refuse a micro-batch whose activations cannot fit in this machine's memory, before any allocation
+    (--batch-size 1e8 otherwise asks the allocator for petabytes). The estimate is a lower bound, so only
+    hopeless sizes are refused: the logits and their gradient (2 x vocab floats per token) and one fp32 hidden
+    state per layer and its gradient (2 x layers x hidden floats per token)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    per_seq = seq_len * 4 * (2 * mc.vocab_size + 2 * mc.num_hidden_layers * mc.hidden_size)
+    if micro * per_seq <= ram:
+        return
+    what = f"--batch-size / processes = {micro}" if derived else f"--micro-batch {micro}"
+    raise ValueError(f"{what} sequences of {seq_len} tokens need at least {micro * per_seq / 2**30:,.0f} GiB of "
+                     f"activations, more than this machine's {ram / 2**30:,.0f} GiB of memory; pass a --micro-batch "
+                     f"well below {ram // per_seq:,} (that many fill the memory with logits and hidden states alone; "
+                     f"gradient accumulation keeps the global batch), or lower --batch-size")
 
 
 def train(cfg: TrainConfig) -> dict:

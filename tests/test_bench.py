@@ -102,3 +102,24 @@ def test_moe_one_token_path_matches_grouped_path():
                 one, one_logits = moe(x[i:i + 1])                 # 1 token: experts called directly
                 torch.testing.assert_close(one[0], grouped[i], rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(one_logits[0], logits[i], rtol=1e-5, atol=1e-6)
+
+
+def test_bench_logits_are_the_models_own_with_logits_scaling():
+    """The last-token-only path of full_forward goes through model.logits (Granite's logits_scaling),
+    not lm_head alone."""
+    import torch
+
+    from hybridlm import HybridLM, preset
+    from hybridlm.bench import forward_logits
+    cfg = preset("tiny", layout="SSAS", num_hidden_layers=4, mamba2_n_heads=4, mamba2_head_dim=64,
+                 mamba2_d_state=8, mamba2_chunk_size=4, logits_scaling=4.0, embedding_multiplier=2.0,
+                 residual_multiplier=0.5, family="granitemoehybrid", router_renormalize=True,
+                 shared_expert_intermediate_size=64)
+    m = HybridLM(cfg).init_weights(0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = m(ids)
+        last = forward_logits(m, ids, all_logits=False)
+        assert torch.equal(forward_logits(m, ids), want)
+        assert (last - want[:, -1:]).abs().max().item() <= 1e-5
+        assert (m.lm_head(m.hidden(ids)[0][:, -1:]) - last * 4).abs().max().item() <= 1e-4   # scaling mattered

@@ -98,3 +98,22 @@ def test_absurd_sizes_are_one_line_errors(capsys):
     assert parse_bytes("8GB") == 8 << 30 and parse_bytes("1e9") == 10 ** 9
     with pytest.raises(ValueError):
         parse_bytes("1.2.3G")
+
+
+def test_more_threads_than_cores_is_a_one_line_error(tmp_path, capsys):
+    import os
+    too_many = str((os.cpu_count() or 1) + 1)
+    for argv in (["chat", "tiny", "--threads", too_many], ["bench", "tiny", "--threads", too_many],
+                 ["serve", "tiny", "--threads", "-1"]):
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        # chat and serve refuse a preset first (no tokenizer); bench checks the threads before anything runs
+        assert code == 2 and len(err.splitlines()) == 1, err
+        if argv[0] == "bench":
+            assert "--threads" in err and "CPU cores" in err
+    from hybridlm.cli import CLIError, set_threads
+    with pytest.raises(CLIError, match="CPU cores"):
+        set_threads(int(too_many))
+    with pytest.raises(CLIError, match="CPU cores"):
+        set_threads(-1)

@@ -237,6 +237,22 @@ def test_export_refuses_what_llama_cpp_cannot_run(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.parametrize("bad, why", [
+    (dict(layout="msaM", mamba2_n_heads=4, mamba2_head_dim=16, mamba2_d_state=8), r"layout symbols \['s'\]"),
+    (dict(embedding_multiplier=2.0, logits_scaling=3.0), "multipliers .embedding_multiplier 2.0, logits_scaling 3.0"),
+    (dict(attention_multiplier=0.1), "multipliers .attention_multiplier 0.1"),
+    (dict(shared_expert_intermediate_size=32), "shared expert"),
+])
+def test_export_refuses_mamba2_layers_multipliers_and_shared_experts(tmp_path, bad, why):
+    """These layouts once exported silently wrong (a Mamba-2 layer written as attention): now refused."""
+    cfg = HybridConfig(**{**dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                 num_key_value_heads=2, mamba_dt_rank=32), **LAYOUTS["moe"], **bad})
+    m = HybridLM(cfg).init_weights(0)
+    with pytest.raises(ValueError, match="cannot be exported for llama.cpp: .*" + why):
+        export_gguf(m, tmp_path / "x.gguf", None, progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 # ---- malformed and foreign files ---------------------------------------------------------------------
 
 TEXTS = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",

@@ -482,3 +482,36 @@ def test_cli_extras_table_matches_pyproject():
         "optional-dependencies"]
     for extra, modules in EXTRAS.items():
         assert set(modules) == {re.match(r"[A-Za-z0-9_.-]+", r).group().replace("-", "_") for r in extras[extra]}
+
+
+# ---- chat templates: untrusted text that runs; every render is bounded ----------------------------------
+HOSTILE_TEMPLATES = [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loops more than"),
+    ("{{ 'x' * 10**10 }}", "repeats a sequence"),
+    ("{% set n = 10**9 %}{{ 7 ** n }}", "to the power"),
+    ("{{ lipsum(10**7) }}", "lipsum"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses"),
+    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "exceeds"),
+]
+
+
+@pytest.mark.parametrize("template,words", HOSTILE_TEMPLATES)
+def test_hostile_chat_templates_are_refused_quickly(template, words):
+    import time
+
+    from hybridlm.chat_template import ChatTemplate
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=words):
+        ChatTemplate(template).render([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_render_is_stopped_at_its_deadline(monkeypatch):
+    """Work that stays under the loop and size bounds still ends at MAX_TEMPLATE_SECONDS."""
+    from hybridlm import chat_template
+    monkeypatch.setattr(chat_template, "MAX_TEMPLATE_SECONDS", 0.0)
+    t = chat_template.ChatTemplate("{% for i in range(10000) %}{{ i }}{% endfor %}")
+    with pytest.raises(ValueError, match="took more than"):
+        t.render([{"role": "user", "content": "hi"}])
+    monkeypatch.setattr(chat_template, "MAX_TEMPLATE_SECONDS", 10.0)
+    assert t.render([{"role": "user", "content": "hi"}]) == "".join(map(str, range(10000)))

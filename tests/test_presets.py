@@ -133,3 +133,36 @@ def test_transformers_reads_random_checkpoint(tmp_path, ffn):
         got = ours(x)
     assert want.std() > 0.1
     assert (got - want).abs().max().item() <= 1e-4
+
+
+FAMILY_CONFIGS = {
+    # Granite 4.0-H: fused gate|up, experts stacked [e, ...], renamed norms: drawn out of order
+    "granitemoehybrid": dict(layout="SSAS", num_experts=4, num_experts_per_tok=2, router_renormalize=True,
+                             shared_expert_intermediate_size=24, logits_scaling=1.5, embedding_multiplier=2.0),
+    # Bamba: our own tensor names, its config.json
+    "bamba": dict(layout="sass", num_experts=1, num_experts_per_tok=1, rope_theta=1e4,
+                  partial_rotary_factor=0.5),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_random_checkpoint_of_a_family_is_written_in_its_format(tmp_path, family):
+    """A family config's random checkpoint holds that family's names (what save_pretrained writes) and the
+    values of init_weights; transformers loads it with our logits."""
+    import transformers
+    cfg = preset("tiny", vocab_size=97, hidden_size=32, intermediate_size=16, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, mamba2_n_heads=4, mamba2_head_dim=16,
+                 mamba2_n_groups=2, mamba2_d_state=8, mamba2_chunk_size=4, initializer_range=0.1, family=family,
+                 **FAMILY_CONFIGS[family])
+    write_random_checkpoint(cfg, tmp_path / "rand", seed=4, dtype=torch.float32, max_shard_bytes=20_000, block=32)
+    want = HybridLM(cfg).init_weights(4)
+    want.save_pretrained(tmp_path / "saved")
+    assert set(_tensors(tmp_path / "rand")) == set(_tensors(tmp_path / "saved"))
+    assert json.loads((tmp_path / "rand" / "config.json").read_text())["model_type"] == family
+    loaded = HybridLM.from_pretrained(tmp_path / "rand")
+    assert all(torch.equal(loaded.state_dict()[k], t) for k, t in want.state_dict().items())
+    arch = json.loads((tmp_path / "rand" / "config.json").read_text())["architectures"][0]
+    ref = getattr(transformers, arch).from_pretrained(tmp_path / "rand", dtype=torch.float32).eval()
+    x = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ref(x, use_cache=False).logits - want(x)).abs().max().item() <= 1e-4

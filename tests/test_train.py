@@ -326,6 +326,14 @@ def test_numeric_flags_out_of_range_are_one_line_errors(setup, tmp_path, capsys)
     assert cli_main(cli_flags(cfg)) == 2
     assert "--sample-tokens 100000000" in capsys.readouterr().err
     assert not (tmp_path / "sample" / "train_state.pt").exists()
+    # a batch whose activations cannot fit in memory is refused before the model allocates anything
+    for changes, flag in [({"batch_size": 10 ** 8, "micro_batch": 0}, "--batch-size / processes = 100000000"),
+                          ({"batch_size": 10 ** 8, "micro_batch": 10 ** 7}, "--micro-batch 10000000")]:
+        cfg = config(setup, tmp_path / "huge", **changes)
+        assert cli_main(cli_flags(cfg)) == 2
+        err = capsys.readouterr().err.strip()
+        assert flag in err and "GiB of memory" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "huge" / "train_state.pt").exists()
 
 
 # ---- divergence --------------------------------------------------------------------------------

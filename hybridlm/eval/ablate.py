@@ -194,13 +194,17 @@ def count_params(cfg: HybridConfig, active: bool = False) -> int:
     from collections import Counter
 
     from ..model import HybridLM
-    total = cfg.hidden_size                                         # the final norm
-    for sym, n in Counter(cfg.pattern).items():
-        one = cfg.replace(layout=sym, num_hidden_layers=1, vocab_size=1)
+    def layers(layout: str, n: int) -> int:
+        one = cfg.replace(layout=layout, num_hidden_layers=n, vocab_size=1)
         with torch.device("meta"):
             m = HybridLM(one)
         outside = 2 * cfg.hidden_size if not cfg.tie_word_embeddings else cfg.hidden_size  # 1-token emb, head
-        total += n * (m.num_params(active=active) - outside - cfg.hidden_size)
+        return m.num_params(active=active) - outside - cfg.hidden_size
+
+    total = cfg.hidden_size                                         # the final norm
+    for sym, n in Counter(cfg.layer_symbols).items():
+        # a feed-forward-only layer cannot be a model alone: counted beside a mixer-only one, then without it
+        total += n * (layers(sym + "a_", 2) - layers("a_", 1) if sym in "fF" else layers(sym, 1))
     return total
 
 

@@ -76,8 +76,20 @@ def _cpu_kernels() -> bool:
     return _cpu_error is None
 
 
-def report() -> dict:
-    """Which implementation each operation uses now, and why (builds the C++ kernels if not yet built)."""
+def report(cfg=None) -> dict:
+    """Which implementation each operation uses now, and why (builds the C++ kernels if not yet built).
+    With a model's ``cfg``: also whether its decode steps can take the whole-step C++ call."""
+    out = _report()
+    if cfg is not None:
+        why = decode_cpu.jamba_layers(cfg)
+        out["whole-step decode (this model)"] = ("available" if why is None and out["backend"] == "auto" and
+                                                 _cpu_error is None else
+                                                 f"declined: {why or 'backend or C++ kernels unavailable'}; "
+                                                 "the layers decode one by one")
+    return out
+
+
+def _report() -> dict:
     if _backend == "ref":
         why = "forced by HYBRIDLM_SCAN=ref or set_backend('ref')"
         return {"backend": "ref", "selective_scan": f"ref: sequential reference ({why})",
@@ -105,7 +117,7 @@ def report() -> dict:
                                       else "torch SDPA (this CPU or build has no AVX512-BF16 kernel)")
                                    + "; otherwise torch SDPA",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
-                      f"{'one C++ call per step through all layers when attention has no RoPE/window, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear)' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
+                      f"{'one C++ call per step through all layers for Jamba-style layers (Mamba-1, attention without RoPE/window, no multipliers or shared experts), else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear); Mamba-2 layers decline the whole-step call and decode with torch ops (mamba2.ssd_step), as do layers with a mixer or a feed-forward alone (Nemotron-H) and relu2 MLPs' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "quantized weights": (f"int8/int4 times int8 activations in the decode kernels "
                                   f"({'AVX2 integer dot products' if 'AVX' in build.info['isa'] else 'portable C++'}), "
@@ -138,16 +150,20 @@ def _fused_cpu(x, *tensors) -> bool:
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))))
 
 
-def selective_scan(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None):
+def selective_scan(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None, states=None):
     """See kernels/ref.py for shapes. Returns (y [b, l, d_in] fp32, h_last [b, d_in, n] fp32).
 
     Mamba's neighbours of the scan, optional: ``delta_bias`` [d_in]: delta <- softplus(delta +
-    delta_bias) in fp32 first; ``z`` [b, l, d_in]: y <- y * silu(z), returned in z's dtype."""
+    delta_bias) in fp32 first; ``z`` [b, l, d_in]: y <- y * silu(z), returned in z's dtype.
+    ``states`` [b, l, d_in, n] fp32, optional, receives the state before each token (speculative
+    decoding's rollback by copy, cache.Cache.rollback; no gradient)."""
     if u.shape[1] > 1 and _fused_cpu(u, delta, A, B, C, D, h0, delta_bias, z):
-        return selective_scan_infer(u, delta, A, B, C, D, h0, delta_bias, z)
+        return selective_scan_infer(u, delta, A, B, C, D, h0, delta_bias, z, states)
     if delta_bias is not None:
         delta = F.softplus(delta.float() + delta_bias.float())
-    if _backend == "auto" and u.shape[1] == 1:
+    if states is not None:         # the reference records them (the training kernel keeps only every 64th)
+        y, h = selective_scan_ref(u, delta, A, B, C, D, h0, states=states)
+    elif _backend == "auto" and u.shape[1] == 1:
         y, h = selective_scan_step(u, delta, A, B, C, D, h0)
     elif _backend == "auto" and u.device.type == "cpu" and _cpu_kernels():
         y, h = selective_scan_cpu(u, delta, A, B, C, D, h0)

@@ -35,6 +35,8 @@ QUANT_ROWS = {8: 128, 4: 256}
 def quant_rows(layer) -> int:
     """The most rows the integer kernel takes for this quantized layer (see QUANT_ROWS)."""
     return QUANT_ROWS[layer.scheme.bits]
+
+
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -230,13 +232,35 @@ _REC = len(_HEAD + _MAMBA + _FFN)
 
 def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
     """Whether ``DecodePlan`` can run this forward: one token per row, at most MAX_ROWS rows, no mask, no
-    gradient, CPU, fp32/bf16, and only full attention without RoPE (Jamba's layers)."""
-    cfg = model.config
+    gradient, CPU, fp32/bf16, and only Jamba's layers: Mamba-1 mixers, full attention without RoPE, no
+    multipliers or shared experts (``jamba_layers``)."""
     w = model.model.embed_tokens.weight
     return (mask is None and input_ids.shape[1] == 1 and input_ids.shape[0] <= MAX_ROWS
-            and input_ids.device.type == "cpu" and w.dtype in _DTYPES and cfg.rope_theta is None
-            and MIXER_SYMBOL["local"] not in cfg.pattern.lower()
+            and input_ids.device.type == "cpu" and w.dtype in _DTYPES and jamba_layers(model.config) is None
             and not (torch.is_grad_enabled() and w.requires_grad))
+
+
+def jamba_layers(cfg) -> str | None:
+    """None when every layer is one csrc/decode.cpp's whole-step record describes; else what is not."""
+    p = cfg.pattern.lower()
+    if MIXER_SYMBOL["mamba2"] in p:
+        return "Mamba-2 layers"
+    if cfg.single_sublayer:
+        return "layers with a mixer alone or a feed-forward alone"
+    if cfg.mlp_hidden_act != "silu":
+        return f"{cfg.mlp_hidden_act} MLPs"
+    if cfg.router_scoring != "softmax":
+        return f"a {cfg.router_scoring} router"
+    if MIXER_SYMBOL["local"] in p:
+        return "local attention"
+    if cfg.rope_theta is not None:
+        return "RoPE"
+    if cfg.shared_expert_intermediate_size:
+        return "shared experts"
+    if (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) != (1, 1, 1) or \
+            cfg.attention_multiplier is not None:
+        return "multipliers"
+    return None
 
 
 class DecodePlan:
@@ -256,7 +280,7 @@ class DecodePlan:
         for i, layer in enumerate(model.model.layers):
             rec = {"norm1": self._p(layer.input_layernorm, "weight"), "norm2": self._p(layer.pre_ff_layernorm, "weight"),
                    "norm_bf16": _is16(layer.input_layernorm.weight)}
-            state = cache.layers[i]
+            state = cache.kernel_view()[0][i]
             if layer.kind == "mamba":
                 m = layer.mamba
                 small = [None if t is None else t.detach().float().contiguous()
@@ -330,7 +354,8 @@ class DecodePlan:
         for owner, key, t, p, v in self.watch.values():
             if owner.get(key) is not t or t.data_ptr() != p or t._version != v:
                 return False
-        return all(getattr(cache.layers[i], name).data_ptr() == p for i, name, p in self.states)
+        layers = cache.kernel_view()[0]
+        return all(getattr(layers[i], name).data_ptr() == p for i, name, p in self.states)
 
 
 def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
@@ -341,13 +366,13 @@ def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
         plan = DecodePlan(model, cache)
         cache.__dict__["_decode_plan"] = plan
     b = input_ids.shape[0]
-    start = cache.pos
+    _, valid, start = cache.kernel_view()
     cache.advance(1)
     emb = model.model.embed_tokens
     x = emb(input_ids)[:, 0].float().contiguous()                                     # [b, d] fp32 residual
     d = x.shape[1]
     final = model.model.final_layernorm
-    build.load().hybridlm_decode_layers(ptr(plan.recs), plan.recs.shape[0], ptr(x), ptr(cache.valid),
-                                        cache.valid.stride(0), start, b, d, final.eps, torch.get_num_threads())
+    build.load().hybridlm_decode_layers(ptr(plan.recs), plan.recs.shape[0], ptr(x), ptr(valid),
+                                        valid.stride(0), start, b, d, final.eps, torch.get_num_threads())
     h = rmsnorm_cpu(final, x)
     return linear_step(h, model.lm_head).to(emb.weight.dtype)[:, None]

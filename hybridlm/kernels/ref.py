@@ -13,17 +13,20 @@ import torch
 import torch.nn.functional as F
 
 
-def selective_scan_ref(u, delta, A, B, C, D, h0=None):
+def selective_scan_ref(u, delta, A, B, C, D, h0=None, states=None):
     """Sequential selective scan (Gu & Dao 2023, Alg. 2), one token at a time.
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t;   y_t = <h_t, C_t> + D * u_t
     Returns (y [b, l, d_in] fp32, h_last [b, d_in, n] fp32). Differentiable through autograd.
+    ``states`` [b, l, d_in, n], optional, receives h_{t-1} for every t (the state before each token).
     """
     b, l, d_in = u.shape
     u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
     h = torch.zeros(b, d_in, A.shape[1], dtype=torch.float32, device=u.device) if h0 is None else h0.float()
     ys = []
     for t in range(l):
+        if states is not None:
+            states[:, t] = h
         dA = torch.exp(delta[:, t, :, None] * A)                       # [b, d_in, n]
         dBu = (delta[:, t, :, None] * B[:, t, None, :]) * u[:, t, :, None]
         h = dA * h + dBu

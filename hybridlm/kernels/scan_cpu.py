@@ -66,11 +66,13 @@ def selective_scan_cpu(u, delta, A, B, C, D, h0=None):
     return SelectiveScanFn.apply(u, delta, A, B, C, D, h0)
 
 
-def selective_scan_infer(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None):
+def selective_scan_infer(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None, states=None):
     """The C++ scan's forward alone (inference: no autograd), with Mamba's two neighbours fused in:
     ``delta_bias`` [d_in]: delta <- softplus(delta + delta_bias) first; ``z`` [b, l, d_in] (any row
     stride): y <- y * silu(z), returned in z's dtype. When u, delta, B, C and z are all bf16 the kernel
-    reads and writes bf16 (fp32 arithmetic), so no fp32 copies are made. Returns (y, h_last fp32)."""
+    reads and writes bf16 (fp32 arithmetic), so no fp32 copies are made. Returns (y, h_last fp32).
+    ``states`` (optional, contiguous fp32 [b, l, d_in, n]) receives the state before every token: the
+    kernel's backward checkpoints, taken at every step."""
     lib = build.load()
     b, l, d_in = u.shape
     n = A.shape[1]
@@ -87,8 +89,8 @@ def selective_scan_infer(u, delta, A, B, C, D, h0=None, delta_bias=None, z=None)
     y = torch.empty(b, l, d_in, dtype=u.dtype)
     h_last = torch.empty(b, d_in, n, dtype=torch.float32)
     lib.hybridlm_scan_fwd(ptr(u), ptr(delta), ptr(Af), ptr(B), ptr(C), ptr(Df), ptr(h0f), ptr(bias), ptr(zk),
-                          0 if zk is None else zk.stride(1), ptr(y), ptr(h_last), None, int(bf16), b, l, d_in, n,
-                          CHECKPOINT_EVERY, build.threads_for(b * l * d_in * n))
+                          0 if zk is None else zk.stride(1), ptr(y), ptr(h_last), ptr(states), int(bf16), b, l, d_in,
+                          n, CHECKPOINT_EVERY if states is None else 1, build.threads_for(b * l * d_in * n))
     return (y if z is None else y.to(z.dtype)), h_last
 
 
