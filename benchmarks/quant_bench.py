@@ -200,7 +200,7 @@ def write_report(res: dict, out: Path):
                 extra = ["–", "–"]
             lines.append(f"| {t} | {a or 0:,.2f} | {b or 0:,.2f} ({GGUF_TYPES.get(t, '')}) | {ratio} | " +
                          " | ".join(extra) + " |")
-    lines += ["\n## Load and memory\n", "| type | load (s) | RSS after load | peak RSS | plan (weights + cache) |",
+    lines += ["\n## Load and memory\n", "| type | load (s) | RSS after load | peak RSS | plan (weights + cache + runtime) |",
               "|---|---:|---:|---:|---:|"]
     for t in res["types"]:
         h = res["hybridlm"].get(t, {})
@@ -208,8 +208,9 @@ def write_report(res: dict, out: Path):
             lines.append(f"| {t} | {h['load_seconds']:.1f} | {fmt_bytes(h['rss_after_load'])} | "
                          f"{fmt_bytes(h['peak_rss'])} | {fmt_bytes(res['plan'][t])} "
                          f"({res['plan'][t] / h['peak_rss']:.0%} of peak) |")
-    lines += ["\nPeak RSS is the whole process: the plan's weights and cache plus the Python/torch runtime "
-              "(~0.3 GiB) and the prefill chunk's working buffers, which the plan does not count."]
+    lines += ["\nPeak RSS is the whole process; the plan (`hybridlm plan`, summary.memory_plan) counts the weights, "
+              "the cache and an estimate of the runtime: Python/torch (0.25 GiB) and one prefill chunk's "
+              "working buffers."]
     if res.get("quantize_runs"):
         lines += ["\n## hybridlm quantize\n"] + [f"- {t}: {q.get('output', '').splitlines()[-1] if q else 'cached'}"
                                                  for t, q in res["quantize_runs"].items()]
