@@ -48,15 +48,21 @@ def set_threads(threads: int):
     """``--threads`` of the inference commands: torch's CPU threads (0 keeps torch's default). More threads
     than cores only slows torch and the kernels down (each waits on the others' time slices), so it is
     refused, as ``hybridlm train`` refuses it."""
-    import os
-
     import torch
-    cores = os.cpu_count() or 1
-    if threads < 0 or threads > cores:
-        raise CLIError(f"--threads {threads}: give 1 to {cores} (the CPU cores of this machine), or 0 for torch's "
-                       f"default")
+    problem = threads_problem(threads)
+    if problem:
+        raise CLIError(problem)
     if threads:
         torch.set_num_threads(threads)
+
+
+def threads_problem(threads: int) -> str | None:
+    """What is wrong with a ``--threads`` value (None: nothing); every command that takes one checks it so."""
+    cores = os.cpu_count() or 1
+    if threads < 0 or threads > cores:
+        return (f"--threads {threads}: give 1 to {cores} (the CPU cores of this machine; more threads than cores "
+                f"only slow torch and the kernels down), or 0 for torch's default")
+    return None
 
 
 def missing_dependency(e: ImportError, command: str | None = None) -> str:

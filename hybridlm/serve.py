@@ -396,11 +396,6 @@ class _ScopedStore:
         return self.shared.store([self.offset + t for t in tokens], snap)
 
 
-def _gather(model, parts: list[tuple[Cache, int]], room: int) -> Cache:
-    """``Cache.gather`` (kept under this name for callers of the engine's earlier helper)."""
-    return Cache.gather(parts, room)
-
-
 # ---- HTTP ---------------------------------------------------------------------------------------------
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,

@@ -170,9 +170,8 @@ class TrainConfig:
              f"--activation-loss must be a number >= 0 (0 turns it off), got {self.activation_loss}")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         need(abs(self.seed) < 2 ** 32, f"--seed must be in -4294967295..4294967295, got {self.seed}")
-        cores = os.cpu_count() or 1
-        need(self.threads <= cores, f"--threads {self.threads} exceeds the {cores} CPU cores of this machine "
-                                    f"(more threads than cores only slows torch down); 0 picks torch's default")
+        from .cli import threads_problem
+        need(threads_problem(self.threads) is None, threads_problem(self.threads))
         need(self.dtype in ("bf16", "fp32", "auto"), f"--dtype must be bf16, fp32 or auto, got {self.dtype!r}")
         need(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         need(self.init or self.preset in PRESETS,

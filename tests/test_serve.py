@@ -22,7 +22,8 @@ from hybridlm import HybridLM, preset  # noqa: E402
 from hybridlm.chat_template import ChatFormat  # noqa: E402
 from hybridlm.generate import Sampling, decode_step, generate, prefill  # noqa: E402
 from hybridlm.prefix_cache import PrefixCache  # noqa: E402
-from hybridlm.serve import Engine, Job, Limits, _gather, create_app  # noqa: E402
+from hybridlm.cache import Cache  # noqa: E402
+from hybridlm.serve import Engine, Job, Limits, create_app  # noqa: E402
 from hybridlm.tokenizer import load_tokenizer  # noqa: E402
 from tests.test_chat import ZEPHYR, make_chat_checkpoint  # noqa: E402
 
@@ -285,7 +286,7 @@ def test_gather_keeps_each_rows_state(layout):
             steps.append(int(tok))
             tok = decode_step(m, c2, tok).argmax(-1)
         alone.append(steps)
-    batch = _gather(m, parts, room=10)
+    batch = Cache.gather(parts, room=10)
     tok = torch.tensor([a[0] for a in alone])
     out = [[] for _ in prompts]
     for step in range(8):
@@ -294,7 +295,7 @@ def test_gather_keeps_each_rows_state(layout):
         logits = decode_step(m, batch, tok)
         tok = logits.argmax(-1)
         if step == 3:   # a row leaves halfway: the survivors are gathered again, left padding dropped
-            batch = _gather(m, [(batch, 0), (batch, 1), (batch, 2)], room=10)
+            batch = Cache.gather([(batch, 0), (batch, 1), (batch, 2)], room=10)
     assert out == alone
 
 

@@ -250,6 +250,12 @@ inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, bool pa
     out.q.assign(b * ld, 0);
     out.d.assign(b * nb, 0.0f);
     out.sum.assign(b * nb, 0.0f);
+    if (pairs) {
+        out.pair.resize(b * ld);
+        out.dpair.assign(b * nb * 4, 0.0f);
+        out.corr.assign(b * nb * 4, 0);
+        out.spair.assign(b * nb * 4, 0.0f);
+    }
     for (int64_t j = 0; j < b; ++j)
         for (int64_t blk = 0; blk < nb; ++blk) {
             const int64_t c0 = blk * 32, c1 = std::min(k, c0 + 32);
@@ -263,24 +269,16 @@ inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, bool pa
             }
             out.d[j * nb + blk] = d;
             out.sum[j * nb + blk] = d * static_cast<float>(sum);
+            if (pairs) {         // block blk's lanes in its pair's sums: 0-3 (even blk) or 4-7 (odd)
+                const int64_t at = (j * nb + (blk & ~int64_t{1})) * 4 + (blk & 1) * 4;
+                for (int l = 0; l < 4; ++l) out.dpair[at + l] = d;
+                out.corr[at] = 8 * sum;
+                out.spair[at] = out.sum[j * nb + blk];
+            }
         }
     // int4 weights of two blocks are one 32-byte load whose low nibbles are columns 0-15 of both blocks and
     // high nibbles columns 16-31 of both; x laid out to match takes the unpacking down to one AND and a shift
     if (!pairs) return;
-    out.pair.resize(b * ld);
-    out.dpair.assign(b * nb * 4, 0.0f);
-    out.corr.assign(b * nb * 4, 0);
-    out.spair.assign(b * nb * 4, 0.0f);
-    for (int64_t j = 0; j < b; ++j)
-        for (int64_t blk = 0; blk < nb; ++blk) {
-            int32_t sum = 0;
-            for (int c = 0; c < 32; ++c) sum += out.q[j * ld + blk * 32 + c];
-            // block blk's lanes in its pair: 0-3 (even blk) or 4-7 (odd)
-            const int64_t at = (j * nb + (blk & ~int64_t{1})) * 4 + (blk & 1) * 4;
-            for (int l = 0; l < 4; ++l) out.dpair[at + l] = out.d[j * nb + blk];
-            out.corr[at] = 8 * sum;
-            out.spair[at] = out.sum[j * nb + blk];
-        }
     for (int64_t j = 0; j < b; ++j)
         for (int64_t p = 0; p + 1 < nb; p += 2) {
             const int8_t* src = out.q.data() + j * ld + p * 32;
