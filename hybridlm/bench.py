@@ -114,18 +114,19 @@ class PeakRSS:
     """Peak resident memory of the process during a block.
 
     Linux resets the high-water mark (VmHWM) to the current RSS when "5" is written to
-    /proc/self/clear_refs, so each measurement gets its own peak. Where that is not possible the
-    lifetime peak is reported and ``exact`` is False.
+    /proc/self/clear_refs, so each measurement gets its own peak, and ``bytes - start`` is the block's
+    growth. Where that is not possible the lifetime peak is reported and ``exact`` is False.
     """
 
     def __enter__(self):
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.exact = _status_kib("VmHWM") is not None
+            start = _status_kib("VmHWM")
+            self.exact = start is not None
         except OSError:
-            self.exact = False
-        self.bytes = 0
+            self.exact, start = False, None
+        self.bytes, self.start = 0, (start or 0) * 1024
         return self
 
     def __exit__(self, *exc):

@@ -546,7 +546,10 @@ class Snapshot:
         bad = [k for k, v in meta.items() if not isinstance(v, str)]
         if bad:
             raise ValueError(f"{path}: snapshot header fields must be strings: {', '.join(bad[:5])}")
-        _check_header(meta, specs, model, str(path))
+        try:
+            _check_header(meta, specs, model, str(path))
+        except ValueError as e:   # the checks against the model (dtype, fingerprints) do not know the file
+            raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
         snap = cls({k: f.get(k).clone() for k in f.keys()}, dict(meta))
         if model is not None:
             _check_values(snap.tensors, str(path))

@@ -241,7 +241,8 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                documents: list[dict] | None = None, **kwargs) -> str:
-        """The prompt text of a conversation; a template error (``raise_exception``) raises ValueError."""
+        """The prompt text of a conversation; a template error (``raise_exception``) or a failure of the
+        template's own code (``1 / 0``) raises ValueError."""
         import jinja2
         if not messages:
             raise ValueError("a conversation needs at least one message")
@@ -263,6 +264,8 @@ class ChatTemplate:
             raise ValueError(f"chat template refused the conversation: {e}") from None
         except RecursionError:
             raise ValueError(f"chat template from {self.origin} recurses without end") from None
+        except Exception as e:   # the template's own code failed (1/0, 1 + 'a', none|length): its error, not ours
+            raise ValueError(f"chat template from {self.origin} failed: {type(e).__name__}: {e}") from None
 
 
 def _special_tokens(config: dict) -> dict[str, str]:

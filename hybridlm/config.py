@@ -288,11 +288,14 @@ class HybridConfig:
                 setattr(self, name, int(v))
 
         def real(name, v, positive):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or \
-                    not (v > 0 if positive else v >= 0):
+            try:   # an integer past float's range (JSON's 10**400) is not finite either
+                f = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+            except OverflowError:
+                f = math.inf
+            if not math.isfinite(f) or not (f > 0 if positive else f >= 0):
                 raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
-            if type(v) not in (int, float):
-                setattr(self, name, float(v))
+            if type(v) is not float:   # torch takes a Python int as int64: rope_theta 2**64 overflowed there
+                setattr(self, name, f)
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                      "mamba_d_state", "mamba_d_conv", "mamba_expand", "num_experts_per_tok",
@@ -486,7 +489,7 @@ class HybridConfig:
             raise ValueError(f"a config must be a JSON object of fields, got {_json_type(d)}")
         mt = d.get("model_type", "jamba")
         from .families import FAMILIES, REFUSED, config_from_family
-        if mt in FAMILIES or mt in REFUSED:
+        if isinstance(mt, str) and (mt in FAMILIES or mt in REFUSED):   # a list or object is unhashable
             return config_from_family(d)
         if mt != "jamba":
             raise ValueError(f"unsupported model_type {mt!r}: hybridlm reads Jamba checkpoints (model_type 'jamba') "

@@ -257,6 +257,50 @@ class LossModule(nn.Module):
         return self.model.loss(input_ids, targets, activation_loss_coef=self.activation_loss)
 
 
+def autocast(device: torch.device | str, dtype: str):
+    """The forward's precision context: bf16 autocast (fp32 master weights) or plain fp32."""
+    if dtype == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> str:
+    """``auto``: bf16 where its matmuls are fast (GPUs, CPUs with AVX512-BF16 or AMX), else fp32."""
+    if dtype != "auto":
+        return dtype
+    from . import kernels
+    return "bf16" if torch.device(device).type != "cpu" or kernels._FAST_BF16 else "fp32"
+
+
+def train_step(module: nn.Module, micro_batches, accum: int, params, grad_clip: float, dtype: str = "fp32",
+               sync=None, reduce=None) -> dict:
+    """Forward and backward of one optimizer step, gradients left in ``.grad`` (the caller steps the
+    optimizer, after checking the loss is finite). ``hybridlm train`` and the ablation lab both train
+    through this function.
+
+    module: returns ``HybridLM.loss``'s dict from ``(input_ids, targets)`` (``LossModule``, possibly
+        wrapped in DDP/FSDP); micro_batches: ``accum`` tuples (input_ids [b, l], targets [b, l], is_last);
+        each micro-batch's loss is scaled by 1/accum, so the gradient is the global batch's mean.
+    sync(is_last): a context for the backward (DDP's ``no_sync`` before the last micro-batch);
+    reduce(t): averages a tensor over processes. Returns loss, ce, aux, act and the pre-clip grad_norm."""
+    parts = None
+    for x, y, last in micro_batches:
+        with sync(last) if sync else contextlib.nullcontext():
+            with autocast(x.device, dtype):
+                out = module(x, y)
+            (out["loss"] / accum).backward()
+        p = torch.stack([out[k].detach().float() for k in ("loss", "ce", "aux", "act")]) / accum
+        parts = p if parts is None else parts + p
+    if reduce:
+        parts = reduce(parts)
+    clip = grad_clip if grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if hasattr(norm, "full_tensor"):                                   # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    loss, ce, aux, act = parts.tolist()
+    return {"loss": loss, "ce": ce, "aux": aux, "act": act, "grad_norm": float(norm)}
+
+
 # ---- the trainer -------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig):
@@ -482,6 +526,11 @@ class Trainer:
                              f"= {self.micro} x {world}; change one of them")
         self.accum = cfg.batch_size // (self.micro * world)
         _check_micro_batch_fits(self.model_config, self.micro, cfg.seq_len, cfg.micro_batch == 0)
+        if cfg.batch_size > len(self.train_seqs):    # e.g. --batch-size 1e8: one step would never end
+            raise ValueError(f"--batch-size {cfg.batch_size} sequences per step is more than the training split's "
+                             f"{len(self.train_seqs):,} windows of {cfg.seq_len + 1} tokens (one step would read the "
+                             f"corpus {cfg.batch_size / len(self.train_seqs):,.0f} times); use --batch-size "
+                             f"{len(self.train_seqs)} or less, or add data")
         val = evenly_spaced(len(self.val_seqs), cfg.eval_sequences)
         val = val[:len(val) // world * world]
         self.val_ids = val[self.d.rank::world]          # same count on every rank (FSDP needs that)
@@ -600,15 +649,7 @@ class Trainer:
     @property
     def dtype(self) -> str:
         """The training dtype, with 'auto' resolved for this device (see TrainConfig.dtype)."""
-        if self.cfg.dtype != "auto":
-            return self.cfg.dtype
-        from . import kernels
-        return "bf16" if self.d.device.type != "cpu" or kernels._FAST_BF16 else "fp32"
-
-    def _autocast(self):
-        if self.dtype == "bf16":
-            return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return resolve_dtype(self.cfg.dtype, self.d.device)
 
     def _micro_batches(self, step: int):
         """(inputs, targets, is_last) of this process's micro-batches for optimizer step ``step``."""
@@ -628,20 +669,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, step: int) -> dict:
-        parts = torch.zeros(4, device=self.d.device)                     # loss, ce, aux, act
-        for x, y, last in self._micro_batches(step):
-            with self._sync_context(last):
-                with self._autocast():
-                    out = self.step_module(x, y)
-                (out["loss"] / self.accum).backward()
-            parts += torch.stack([out[k].detach().float() for k in ("loss", "ce", "aux", "act")]) / self.accum
-        parts = self.d.mean(parts)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if hasattr(norm, "full_tensor"):                                   # FSDP2: a DTensor
-            norm = norm.full_tensor()
-        loss, ce, aux, act = parts.tolist()
-        return {"loss": loss, "ce": ce, "aux": aux, "act": act, "grad_norm": float(norm)}
+        return train_step(self.step_module, self._micro_batches(step), self.accum, self.model.parameters(),
+                          self.cfg.grad_clip, self.dtype, sync=self._sync_context, reduce=self.d.mean)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -652,7 +681,7 @@ class Trainer:
         total = torch.zeros(2, device=self.d.device)                     # sum of ce * sequences, sequences
         for i in range(0, len(self.val_ids), self.micro):
             x, y = self.val_seqs.batch(self.val_ids[i:i + self.micro])
-            with self._autocast():
+            with autocast(self.d.device, self.dtype):
                 out = self.step_module(x.to(self.d.device), y.to(self.d.device))
             total += torch.stack([out["ce"].float() * len(x), torch.tensor(float(len(x)), device=self.d.device)])
         self.model.train()

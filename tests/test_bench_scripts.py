@@ -120,3 +120,50 @@ def test_multiturn_ratios_and_context_override(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "jamba", "rope_theta": 1e4}))
     with pytest.raises(SystemExit, match="position encoding"):
         mt.with_context(src, 16384, tmp_path / "work2")
+
+
+def test_load_smoke(tmp_path):
+    """benchmarks/load.py for a few seconds with a few clients (its own tiny server): no well-formed request
+    fails, every request is answered, each hostile kind gets its expected status (4xx, or 200 where the
+    value is clamped), and the work of clients that went away drains."""
+    out = tmp_path / "load"
+    r = subprocess.run([sys.executable, str(BENCH / "load.py"), "--clients", "8", "--duration", "5", "--hostile",
+                        "0.5", "--max-tokens", "8", "--threads", "1", "--read-timeout", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.with_suffix(".json").read_text())
+    s = res["summary"]
+    assert s["well_formed"] > 0 and s["well_formed_errors"] == 0, s["first_errors"]
+    assert s["no_answer"] == 0 and s["drained_after"] and res["server_exit_code"] == 0
+    assert res["server_tracebacks"] == 0, res["server_log_tail"]
+    assert s["tokens"] > 0 and s["ttft_samples"] > 0 and 0 < s["ttft_p50_s"] <= s["ttft_p99_s"]
+    load = _bench_module("load")
+    for kind, (_, status) in load.HOSTILE.items():
+        assert set(s["hostile_by_kind"][kind]) <= {str(status)}, (kind, s["hostile_by_kind"][kind])
+    tried = [k for k, v in s["hostile_by_kind"].items() if v]
+    assert len(tried) == len(load.HOSTILE), tried   # the kinds are sent in turn
+    refused = sum(sum(v.values()) for k, v in s["hostile_by_kind"].items() if load.HOSTILE[k][1] >= 400)
+    assert s["hostile_as_expected"] == s["hostile"] and s["hostile_4xx"] == refused > 0
+    assert all(x is not None for x in s["rss_bytes"].values())
+    md = out.with_suffix(".md").read_text()
+    assert res["command"] in md and "machine:" in md and "errors among well-formed requests" in md
+
+
+def test_fuzz_smoke(tmp_path):
+    """benchmarks/fuzz.py with 10 examples per input class (random seed 1): every class is run and its
+    examples are counted, each into one outcome, and none is a failure (a traceback, hang, unbounded
+    allocation, wrong result or unclear error)."""
+    pytest.importorskip("hypothesis")
+    pytest.importorskip("fastapi")
+    out = tmp_path / "fuzz"
+    r = subprocess.run([sys.executable, str(BENCH / "fuzz.py"), "--examples", "10", "--seed", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert list(res["classes"]) == ["safetensors", "snapshots", "config.json", "chat templates", "request bodies"]
+    for name, c in res["classes"].items():
+        assert 0 < c["tried"] <= 10 and sum(c["outcomes"].values()) == c["tried"], (name, c)
+        assert all(c["outcomes"][o] == 0 for o in res["must_be_zero_outcomes"]), (name, c["failures"])
+    assert set(res["must_be_zero_outcomes"]) == {"unclear", "wrong", "traceback", "hang", "memory"}
+    assert res["must_be_zero"] == 0 and r.returncode == 0, r.stderr[-3000:]
+    md = out.with_suffix(".md").read_text()
+    assert res["command"] in md and "machine:" in md and res["date"] in md

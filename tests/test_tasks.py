@@ -5,7 +5,8 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from hybridlm.eval.tasks import (BOS, IGNORE, MQAR, NEEDLE, QUERY, SEP, InductionCopy, Passkey, Vocab,
+from hybridlm.eval.tasks import (BOS, IGNORE, MQAR, NEEDLE, PAD, QUERY, SEP, FormatFollowing, InductionCopy, Passkey,
+                                 Vocab,
                                  content_bucket, make_task)
 
 V = Vocab(size=256, n_keys=64, n_values=64)
@@ -112,7 +113,7 @@ def test_passkey_answers_and_lengths():
             filler = x[1:i] + x[i + 5:q]
             assert all(f in V.filler for f in filler)                   # the key appears only at the needle
         assert len(depths) > 10                                         # the needle moves
-    assert task.eval_lengths() == [64, 128, 256]
+    assert [(s, n) for s, _, n in task.eval_points()] == [("@64", 64), ("@128", 128), ("@256", 256)]
 
 
 def test_induction_answers_are_the_repeat():
@@ -169,3 +170,76 @@ def test_bad_options_raise_clear_errors():
         make_task("copy", V)
     with pytest.raises(ValueError, match="split must be"):
         MQAR(vocab=V).batch(1, seed=0, split="test")
+
+
+def _format_of(task, row):
+    """The format a FormatFollowing row was built with, read back from its first example."""
+    x, ans = row[1:1 + task.input_len], row[2 + task.input_len:2 + task.input_len + task.answer_len]
+    return tuple(x.index(a) if a in x else task.input_len + V.values.index(a) for a in ans)
+
+
+def test_format_following_answers_follow_the_examples_format():
+    task = FormatFollowing(vocab=V, seq_len=80, input_len=3, answer_len=4, markers=8)
+    span = task.input_len + task.answer_len + 2
+    ids, tgt = _rows(task.batch(300, seed=0, split="train"))
+    formats = set()
+    for x, t in zip(ids, tgt):
+        assert len(x) == len(t) == 80 and x[0] == BOS
+        fmt = _format_of(task, x)
+        formats.add(fmt)
+        n_ex = task.examples
+        for e in range(n_ex):
+            s = 1 + e * span
+            inp, sep, ans, end = x[s:s + 3], x[s + 3], x[s + 4:s + 8], x[s + 8]
+            assert all(tok in V.filler for tok in inp) and sep == end == SEP
+            # every example's answer is the same format applied to its own input
+            assert ans == [inp[f] if f < 3 else V.values[f - 3] for f in fmt]
+            scored = [t[p] for p in range(s + 3, s + 7)]                 # SEP predicts a1, a_i predicts a_i+1
+            assert scored == (ans if e > 0 else [IGNORE] * 4)           # the first example is not scored
+        assert all(tok == PAD for tok in x[1 + n_ex * span:])
+        assert sum(a != IGNORE for a in t) == 4 * (n_ex - 1)
+    assert len(formats) > 200                                           # a format per sequence, rarely repeated
+
+
+def test_format_following_needs_the_examples_and_eval_formats_are_unseen():
+    task = FormatFollowing(vocab=V, seq_len=80)
+    train = Counter(_format_of(task, r) for r in task.batch(2000, seed=0, split="train").input_ids.tolist())
+    evals = [_format_of(task, r) for r in task.batch(300, seed=0, split="eval").input_ids.tolist()]
+    assert not set(train) & set(evals)                                  # eval formats never seen in training
+    assert all(content_bucket(list(f)) == 0 for f in evals)
+    # without the examples, the best guess of the format (the most frequent one in training) is right for
+    # under 1% of sequences: the answer is decided by the examples, not by what training memorised
+    assert train.most_common(1)[0][1] < 20
+    # and the examples alone decide it: the same inputs under two formats give two different answers
+    a, b = evals[0], next(f for f in evals if f != evals[0])
+    x = [V.filler[0], V.filler[1], V.filler[2]]
+    assert [x[s] if s < 3 else V.values[s - 3] for s in a] != [x[s] if s < 3 else V.values[s - 3] for s in b]
+
+
+def test_mqar_trains_on_a_mixture_and_evaluates_per_pair_count():
+    task = MQAR(vocab=V, seq_len=128, train_pairs=[2, 8, 24], eval_pairs=[2, 24])
+    ids, tgt = _rows(task.batch(300, seed=0, split="train"))
+    counts = Counter(sum(a != IGNORE for a in t) for t in tgt)           # every key is queried once
+    assert set(counts) == {2, 8, 24} and min(counts.values()) > 60
+    points = task.eval_points()
+    assert [(s, p.num_pairs) for s, p, _ in points] == [("@pairs=2", 2), ("@pairs=24", 24)]
+    for _, p, length in points:
+        _, t = _rows(p.batch(20, seed=0, split="eval", length=length))
+        assert all(sum(a != IGNORE for a in row) == p.num_pairs for row in t)
+
+    class Oracle(torch.nn.Module):                      # reads the bound value from the context: 100%
+        def forward(self, x):
+            out = torch.zeros(*x.shape, V.size)
+            for b, row in enumerate(x.tolist()):
+                n = next(i for i in range(1, len(row), 2) if row[i] not in V.keys)
+                binding = dict(zip(row[1:n:2], row[2:n + 1:2]))
+                for i, tok in enumerate(row):
+                    out[b, i, binding.get(tok, 0)] = 1.0
+            return out
+    got = task.evaluate(Oracle(), n=16)
+    assert set(got) == {"acc@pairs=2", "seq_acc@pairs=2", "acc@pairs=24", "seq_acc@pairs=24"}
+    assert all(v == 1.0 for v in got.values())
+    with pytest.raises(ValueError, match="exceeds the 64 key tokens"):
+        MQAR(vocab=V, seq_len=512, train_pairs=[80])
+    with pytest.raises(ValueError, match="needs seq_len >= 97"):
+        MQAR(vocab=V, seq_len=64, eval_pairs=[24])

@@ -334,6 +334,12 @@ def test_numeric_flags_out_of_range_are_one_line_errors(setup, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert flag in err and "GiB of memory" in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "huge" / "train_state.pt").exists()
+    # a batch that fits in memory but is larger than the corpus (10^8 sequences, 2 at a time) would make one
+    # step run for days: refused, saying how many windows there are
+    cfg = config(setup, tmp_path / "huge", batch_size=10 ** 8, micro_batch=2)
+    assert cli_main(cli_flags(cfg)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--batch-size 100000000" in err and "windows of 33 tokens" in err and len(err.splitlines()) == 1, err
 
 
 # ---- divergence --------------------------------------------------------------------------------
@@ -403,3 +409,34 @@ def test_two_gloo_processes_match_one_process(setup, one_process, parallel, tmp_
     a, b = HybridLM.from_pretrained(cfg.out), HybridLM.from_pretrained(one_process.out)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_ablation_lab_trains_through_the_trainers_step(setup, tmp_path):
+    """`hybridlm train` and `hybridlm ablate` take the same step: on the same model, seed and batch (4
+    sequences in 2 micro-batches) the lab's first-step loss and updated weights equal the trainer's."""
+    from hybridlm.eval.ablate import Job, run_job
+    from hybridlm.eval.spec import Train
+    from hybridlm.train import Trainer
+    trainer = Trainer(config(setup, tmp_path / "run", steps=1, warmup=1, grad_clip=0.5))
+    x, y = (torch.cat(t) for t in zip(*[(a.cpu(), b.cpu()) for a, b, _ in trainer._micro_batches(0)]))
+    m = trainer.train_step(0)
+    trainer.optimizer.step()
+
+    class OneBatch:                                      # a task that serves the trainer's first batch
+        seq_len = x.shape[1]
+
+        def stream(self, batch_size, seed):
+            assert batch_size == len(x)
+            while True:
+                yield x, y
+
+        def evaluate(self, model, n, seed=0, device="cpu"):
+            OneBatch.model = model
+            return {"none": 0.0}
+
+    lab = Train(steps=1, batch_size=4, micro_batch=2, lr=3e-3, warmup=1, weight_decay=0.1, grad_clip=0.5)
+    job = Job("v", 0, "t", OneBatch(), trainer.model_config, lab, 0, "h", "cpu")
+    _, curve = run_job(job)
+    assert curve[0]["loss"] == pytest.approx(m["ce"], rel=1e-6)
+    for (name, a), b in zip(trainer.model.named_parameters(), OneBatch.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,4 +1,5 @@
-"""Synthetic tasks that separate in-context retrieval from memorisation: MQAR, passkey, induction copy.
+"""Synthetic tasks that separate in-context retrieval from memorisation: MQAR, passkey, induction copy,
+few-shot format following.
 
 Every task writes sequences over one partitioned vocabulary (``Vocab``): a few special tokens, then
 *keys*, *values* and *filler*, three disjoint id ranges, so a key can never be mistaken for a value or for
@@ -21,7 +22,7 @@ import random
 import zlib
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -116,17 +117,18 @@ class Task:
         while True:
             yield self._batch(rng, batch_size, split, self.seq_len)
 
-    def eval_lengths(self) -> list[int]:
-        return [self.seq_len]
+    def eval_points(self) -> list[tuple[str, Task, int]]:
+        """(metric suffix, task, length) of each evaluation setting: one, with no suffix, by default; a
+        task evaluated at several lengths or options returns ``@VALUE`` or ``@OPTION=VALUE`` suffixes."""
+        return [("", self, self.seq_len)]
 
     @torch.no_grad()
     def evaluate(self, model, n: int, seed: int = 0, batch_size: int = 64, device="cpu") -> dict[str, float]:
-        """Accuracy on ``n`` held-out sequences per eval length: ``acc`` (answer tokens) and ``seq_acc``
-        (sequences with every answer right); several lengths give ``acc@L`` keys."""
+        """Accuracy on ``n`` held-out sequences per evaluation setting: ``acc`` (answer tokens) and
+        ``seq_acc`` (sequences with every answer right), suffixed as ``eval_points`` says."""
         out = {}
-        lengths = self.eval_lengths()
-        for length in lengths:
-            batch = self.batch(n, seed, "eval", length)
+        for suffix, task, length in self.eval_points():
+            batch = task.batch(n, seed, "eval", length)
             tok_right = tok_total = seq_right = 0
             for i in range(0, n, batch_size):
                 x = batch.input_ids[i:i + batch_size].to(device)
@@ -136,7 +138,6 @@ class Task:
                 tok_right += int(right.sum())
                 tok_total += int(m.sum())
                 seq_right += int((right.sum(1) == m.sum(1)).sum())
-            suffix = f"@{length}" if len(lengths) > 1 else ""
             out["acc" + suffix] = tok_right / tok_total
             out["seq_acc" + suffix] = seq_right / n
         return out
@@ -151,45 +152,55 @@ class MQAR(Task):
     keys: from ``k`` predict the value bound to ``k`` *in this sequence*. Keys are drawn without
     replacement from ``vocab.keys`` and values with replacement from ``vocab.values`` afresh per
     sequence, so no key has a value outside its context.
+
+    ``train_pairs``: train on a mixture, each sequence drawing its N from the list (Zoology trains on a
+    mixture of sizes too: the few-pair sequences teach the look-up that the many-pair ones need);
+    ``eval_pairs``: evaluate at each N separately (metrics ``acc@pairs=N``), which shows where a
+    fixed-size recurrent state runs out of room.
     """
     vocab: Vocab = field(default_factory=Vocab)
     seq_len: int = 64
     num_pairs: int = 8
     num_queries: int | None = None  # None: query every key (Zoology's default)
+    train_pairs: list[int] = field(default_factory=list)
+    eval_pairs: list[int] = field(default_factory=list)
     name = "mqar"
 
     def __post_init__(self):
-        q = self.queries
-        if not 1 <= q <= self.num_pairs:
-            raise ValueError(f"num_queries must be in [1, num_pairs={self.num_pairs}], got {q}")
-        if self.num_pairs > self.vocab.n_keys:
-            raise ValueError(f"num_pairs ({self.num_pairs}) exceeds the {self.vocab.n_keys} key tokens")
-        need = 1 + 2 * self.num_pairs + 2 * q
-        if self.seq_len < need:
-            raise ValueError(f"MQAR with {self.num_pairs} pairs and {q} queries needs seq_len >= {need}, "
-                             f"got {self.seq_len}")
+        for n in {self.num_pairs, *self.train_pairs, *self.eval_pairs}:
+            q = self.num_queries or n
+            if not 1 <= q <= n:
+                raise ValueError(f"num_queries must be in [1, num_pairs={n}], got {q}")
+            if n > self.vocab.n_keys:
+                raise ValueError(f"num_pairs ({n}) exceeds the {self.vocab.n_keys} key tokens; raise vocab n_keys")
+            need = 1 + 2 * n + 2 * q
+            if self.seq_len < need:
+                raise ValueError(f"MQAR with {n} pairs and {q} queries needs seq_len >= {need}, got {self.seq_len}")
 
-    @property
-    def queries(self) -> int:
-        return self.num_queries or self.num_pairs
+    def eval_points(self):
+        if not self.eval_pairs:
+            return super().eval_points()
+        return [(f"@pairs={n}", replace(self, num_pairs=n, train_pairs=[], eval_pairs=[]), self.seq_len)
+                for n in self.eval_pairs]
 
     def row(self, rng, split, length):
         v = self.vocab
-        keys = rng.sample(v.keys, self.num_pairs)
+        pairs = rng.choice(self.train_pairs) if self.train_pairs and split == "train" else self.num_pairs
+        keys = rng.sample(v.keys, pairs)
         vals = [rng.choice(v.values) for _ in keys]
         if not in_split([t for kv in sorted(zip(keys, vals)) for t in kv], split):
             return None
         ids = [BOS] + [t for kv in zip(keys, vals) for t in kv]
         tgt = [IGNORE] * len(ids)
         rest = length - len(ids)
-        q = self.queries
-        asked = rng.sample(range(self.num_pairs), q)
+        q = self.num_queries or pairs
+        asked = rng.sample(range(pairs), q)
         # place Q two-token queries among rest - 2Q filler tokens: choose which of the
         # (rest - 2Q + Q) slots hold a query (a stars-and-bars draw, uniform over arrangements)
-        slots = sorted(rng.sample(range(rest - q), q))
+        slots = set(rng.sample(range(rest - q), q))
         qi = 0
         for s in range(rest - q):
-            if qi < q and s == slots[qi]:
+            if s in slots:
                 k = asked[qi]
                 ids += [keys[k], vals[k]]
                 tgt += [vals[k], IGNORE]    # at the key, predict its value; the value itself is not scored
@@ -221,8 +232,8 @@ class Passkey(Task):
             raise ValueError(f"passkey of {self.key_len} digits needs sequences of at least "
                              f"{2 * self.key_len + 3} tokens, got {shortest}")
 
-    def eval_lengths(self) -> list[int]:
-        return list(self.eval_at)
+    def eval_points(self):
+        return [(f"@{n}", self, n) for n in self.eval_at]
 
     def row(self, rng, split, length):
         v = self.vocab
@@ -263,7 +274,57 @@ class InductionCopy(Task):
         return ids, tgt
 
 
-TASKS = {"mqar": MQAR, "passkey": Passkey, "induction": InductionCopy}
+@dataclass
+class FormatFollowing(Task):
+    """Few-shot format following: the answer format is given only by the in-context examples.
+
+    Each sequence draws a *format*: ``answer_len`` slots, each either a position of the input
+    (copy the i-th input token) or a marker token (from the first ``markers`` value tokens). Then
+    ``BOS`` and as many examples as fit: ``x1..xI SEP a1..aA SEP`` with the inputs x fresh, distinct random
+    filler tokens and a the answer the format makes of them: format (marker 3, x2, x0, marker 1) turns
+    ``p q r`` into ``M3 r p M1``. Nothing outside the sequence tells which format it is, so from the second
+    example on the answer is determined by the earlier examples (the format) and this example's input
+    (the copied tokens); the first example's answer is not scored. Train and eval formats are disjoint
+    (a format's bucket decides its split), so eval measures inferring a format never seen in training
+    (Jamba sec. 6.2's observation: a pure Mamba model fails to follow the format of in-context
+    examples; a hybrid with attention follows it)."""
+    vocab: Vocab = field(default_factory=Vocab)
+    seq_len: int = 96
+    input_len: int = 3
+    answer_len: int = 4
+    markers: int = 8
+    name = "format"
+
+    def __post_init__(self):
+        if self.markers > self.vocab.n_values:
+            raise ValueError(f"markers ({self.markers}) exceeds the {self.vocab.n_values} value tokens")
+        if self.examples < 2:
+            raise ValueError(f"format following needs at least 2 examples per sequence: seq_len {self.seq_len} "
+                             f"fits {self.examples} of {self.input_len + self.answer_len + 2} tokens; raise seq_len")
+
+    @property
+    def examples(self) -> int:
+        return (self.seq_len - 1) // (self.input_len + self.answer_len + 2)
+
+    def row(self, rng, split, length):
+        v = self.vocab
+        # a slot < input_len copies that input position; input_len + j is marker j
+        fmt = [rng.randrange(self.input_len + self.markers) for _ in range(self.answer_len)]
+        if not in_split(fmt, split):
+            return None
+        ids, tgt = [BOS], [IGNORE]
+        for e in range((length - 1) // (self.input_len + self.answer_len + 2)):
+            x = rng.sample(v.filler, self.input_len)     # distinct: the examples show which slot is copied
+            ans = [x[s] if s < self.input_len else v.values[s - self.input_len] for s in fmt]
+            ids += x + [SEP] + ans + [SEP]
+            # the first SEP predicts a1 and a_i predicts a_{i+1}; the inputs and a_A (predicting SEP) unscored
+            scored = ans if e > 0 else [IGNORE] * self.answer_len
+            tgt += [IGNORE] * self.input_len + scored + [IGNORE] * 2
+        pad = length - len(ids)
+        return ids + [PAD] * pad, tgt + [IGNORE] * pad
+
+
+TASKS = {"mqar": MQAR, "passkey": Passkey, "induction": InductionCopy, "format": FormatFollowing}
 
 
 def make_task(name: str, vocab: Vocab, **options) -> Task:
