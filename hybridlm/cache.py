@@ -55,6 +55,7 @@ class Cache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)    # real tokens per row
         self.fingerprint = fingerprint
+        self.owner = None       # a weak reference to the model (HybridLM.new_cache): snapshots hash its weights
 
     @classmethod
     def allocate(cls, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu", fingerprint: str = ""):
@@ -143,7 +144,9 @@ class Cache:
                 slots = max_len if s.window is None else min(s.window, max_len)
                 shape = (batch, s.k.shape[1], slots, s.k.shape[3])
                 layers.append(KVState(s.k.new_zeros(shape), s.v.new_zeros(shape), s.window))
-        return Cache(layers, batch, max_len, self.device, self.fingerprint)
+        out = Cache(layers, batch, max_len, self.device, self.fingerprint)
+        out.owner = self.owner
+        return out
 
     @classmethod
     def gather(cls, parts: list[tuple["Cache", int]], room: int) -> "Cache":
@@ -184,8 +187,10 @@ class Cache:
     def snapshot(self, logits: torch.Tensor | None = None, model=None) -> "Snapshot":
         """A copy of the state after ``pos`` tokens (attention buffers trimmed to ``pos``), plus the
         logits the state ended on, so generation can continue from it without re-reading anything.
-        ``model``: the model that wrote this cache; when given, the snapshot also records a hash of all
-        its weights (``weights_fingerprint``), which ``Snapshot.check`` then requires to match."""
+        ``model``: the model that wrote this cache (default: the one that allocated it, ``owner``); the
+        snapshot records a hash of all its weights (``weights_fingerprint``), which ``Snapshot.check``
+        requires to match. A cache built without its model (``Cache.allocate``) gives a snapshot without
+        that hash, which ``restore`` accepts and a check against a model refuses."""
         tensors = {}
         for k, t in self.tensors().items():
             s = self.layers[int(k.split(".")[1])] if k.startswith("layers.") else None
@@ -197,6 +202,7 @@ class Cache:
         dtype = next(t.dtype for k, t in tensors.items() if k.endswith((".conv", ".k")))
         meta = {"format": SNAPSHOT_FORMAT, "fingerprint": self.fingerprint, "pos": str(self.pos),
                 "batch": str(self.batch), "dtype": str(dtype).removeprefix("torch.")}
+        model = model if model is not None else (self.owner() if self.owner is not None else None)
         if model is not None:
             meta["weights"] = weights_fingerprint(model)
         return Snapshot(tensors, meta)
@@ -472,7 +478,11 @@ def _check_header(meta: dict, specs: dict, model=None, what: str = "snapshot"):
     if meta["fingerprint"] != model.fingerprint():
         raise ValueError("snapshot was taken from a different model (config or weights differ: fingerprint "
                          f"{meta['fingerprint']} != {model.fingerprint()})")
-    if "weights" in meta and meta["weights"] != weights_fingerprint(model):
+    if not isinstance(meta.get("weights"), str):   # the sampled fingerprint alone misses weights changed elsewhere
+        raise ValueError("the snapshot records no hash of its model's weights ('weights'), so it cannot be checked "
+                         "against this model; take it from a cache the model allocated (model.new_cache) or pass "
+                         "the model to cache.snapshot(logits, model)")
+    if meta["weights"] != weights_fingerprint(model):
         raise ValueError("snapshot was taken from a different model: its weights differ (hash of every weight "
                          f"{meta['weights']} != {weights_fingerprint(model)})")
     cfg = model.config

@@ -15,6 +15,7 @@ possibly in chunks) and decode (a cache, one token).
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,10 +159,13 @@ class HybridLM(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> Cache:
         """Preallocate the per-layer inference state for ``batch`` rows of up to ``max_len`` tokens."""
         p = next(self.parameters())
-        return Cache.allocate(self.config, batch, max_len, dtype or p.dtype, p.device, self.fingerprint())
+        cache = Cache.allocate(self.config, batch, max_len, dtype or p.dtype, p.device, self.fingerprint())
+        cache.owner = weakref.ref(self)
+        return cache
 
     def fingerprint(self) -> str:
-        """Identifies config + weights + dtype (snapshots refuse to load into another model)."""
+        """A quick identity of config + weights + dtype (~64 sampled values per tensor), computed once; a
+        snapshot checked against a model also needs ``cache.weights_fingerprint``, a hash of every weight."""
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256(repr(sorted(self.config.to_dict().items())).encode())
             for name, p in self.state_dict().items():

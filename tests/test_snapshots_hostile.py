@@ -137,6 +137,32 @@ def test_the_weights_hash_covers_every_weight(model, tmp_path):
     assert job.reused == 9
 
 
+def test_every_snapshot_of_a_models_cache_carries_the_weights_hash_and_one_without_is_refused(model, tmp_path):
+    """cache.snapshot(logits), without the model, still records the weights hash (the cache remembers the
+    model that allocated it), so a model differing where the sampled fingerprint does not look is refused;
+    a snapshot with no weights hash (a cache built without its model, or a file that drops the field) can
+    no longer pass on the sampled fingerprint alone."""
+    cache = model.new_cache(1, 16)
+    snap = cache.snapshot(prefill(model, cache, tokens(7)))
+    assert snap.meta["weights"] == weights_fingerprint(model)
+    snap.save(tmp_path / "owned.safetensors")
+    other = make_model()
+    with torch.no_grad():
+        other.model.embed_tokens.weight.view(-1)[1] += 1.0               # not a sampled element
+    assert other.fingerprint() == model.fingerprint()
+    with pytest.raises(ValueError, match="its weights differ"):
+        Snapshot.load(tmp_path / "owned.safetensors", other)
+    bare = Cache.allocate(model.config, 1, 16, torch.float32)
+    bare.fingerprint = model.fingerprint()
+    bare.restore(snap)                                                    # in memory, between caches: fine
+    unhashed = bare.snapshot()
+    assert "weights" not in unhashed.meta
+    unhashed.save(tmp_path / "bare.safetensors")
+    for load in (lambda: Snapshot.load(tmp_path / "bare.safetensors", model), lambda: unhashed.to_cache(model)):
+        with pytest.raises(ValueError, match="no hash of its model's weights"):
+            load()
+
+
 def test_the_weights_hash_is_cached_until_a_weight_changes():
     m = make_model()
     first = weights_fingerprint(m)
