@@ -12,6 +12,7 @@ from hybridlm.generate import Generation, left_pad, prefill, stream
 from hybridlm.mamba2 import Mamba2Mixer, ssd_chunked, ssd_scan_ref, ssd_step
 
 from .conftest import randomize_
+from .test_generate import assert_chunked_prefill_matches, assert_decode_matches_forward
 
 
 def scan_inputs(b=2, l=29, h=6, p=5, g=3, n=7, seed=0, state=True):
@@ -119,28 +120,13 @@ def test_training_gradients_through_the_mixer_match_the_reference():
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_cached_decode_reproduces_full_forward(name):
-    m = tiny(**LAYOUTS[name])
-    x = ids(3, 17)
-    with torch.no_grad():
-        full = m(x)
-        cache = m.new_cache(3, 17)
-        steps = [m(x[:, :6], cache)] + [m(x[:, t:t + 1], cache) for t in range(6, 17)]
-    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+    assert_decode_matches_forward(tiny(**LAYOUTS[name]), ids(3, 17))
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("chunk", [1, 3, 7])
 def test_chunked_prefill_equals_one_shot(name, chunk):
-    m = tiny(**LAYOUTS[name])
-    x = ids(2, 19, seed=1)
-    c1, c2 = m.new_cache(2, 24), m.new_cache(2, 24)
-    a = prefill(m, c1, x, chunk=19)
-    b = prefill(m, c2, x, chunk=chunk)
-    assert (a - b).abs().max().item() < 1e-5
-    for s1, s2 in zip(c1.layers, c2.layers):
-        for t1, t2 in zip(vars(s1).values(), vars(s2).values()):
-            if isinstance(t1, torch.Tensor):
-                assert (t1 - t2).abs().max().item() < 1e-5
+    assert_chunked_prefill_matches(tiny(**LAYOUTS[name]), ids(2, 19, seed=1), chunk)
 
 
 def test_cache_holds_the_mamba2_state_in_fp32():

@@ -13,6 +13,7 @@ from hybridlm.config import HybridConfig
 from hybridlm.generate import Generation, left_pad, prefill, stream
 
 from .conftest import randomize_
+from .test_generate import assert_chunked_prefill_matches, assert_decode_matches_forward
 
 
 def ids(b, l, seed=0, vocab=97):
@@ -216,13 +217,8 @@ def test_cache_holds_no_state_for_feed_forward_only_layers():
 def test_cached_decode_and_chunked_prefill_reproduce_the_full_forward(name):
     m = tiny(**LAYOUTS[name])
     x = ids(3, 17)
-    with torch.no_grad():
-        full = m(x)
-        cache = m.new_cache(3, 17)
-        steps = [m(x[:, :6], cache)] + [m(x[:, t:t + 1], cache) for t in range(6, 17)]
-    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
-    c1, c2 = m.new_cache(3, 20), m.new_cache(3, 20)
-    assert (prefill(m, c1, x, chunk=17) - prefill(m, c2, x, chunk=5)).abs().max().item() < 1e-5
+    assert_decode_matches_forward(m, x)
+    assert_chunked_prefill_matches(m, x, chunk=5, room=3)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

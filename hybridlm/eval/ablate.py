@@ -35,7 +35,7 @@ import torch
 
 from ..config import HybridConfig, expand_pattern
 from .lm_task import LMTask
-from .matching import match_variants
+from .matching import count_params, match_variants
 from .report import context_md, plot_context, plot_results, tables_md
 from .spec import RUNNER_KEYS, Spec, Train, load_spec
 from .tasks import make_task
@@ -140,7 +140,6 @@ def run_job(job: Job) -> tuple[list[dict], list[dict]]:
     metrics = job.task_obj.evaluate(model, job.eval_size, seed=0, device=job.device)
     seconds = time.perf_counter() - t0
     tail = losses[-max(1, len(losses) // 10):]
-    from .matching import count_params
     base = {"variant": job.variant, "seed": job.seed, "task": job.task, "run_hash": job.run_hash,
             "layout": cfg.pattern, "params": count_params(cfg), "active_params": count_params(cfg, True),
             "steps": t.steps, "tokens": t.steps * tokens_per_step, "seconds": round(seconds, 2),
