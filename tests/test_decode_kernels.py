@@ -36,7 +36,7 @@ def err(a, b):
 
 # ---- matrix-vector products, norms ---------------------------------------------------------------------
 @pytest.mark.parametrize("k", [16, 48, 100, 512])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 8, 11])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_step_fp32(k, rows, bias):
     g = gen(k + rows)
@@ -48,7 +48,7 @@ def test_linear_step_fp32(k, rows, bias):
 
 
 @pytest.mark.parametrize("k", [16, 100, 512])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 7])
 def test_linear_step_bf16_within_output_rounding(k, rows):
     g = gen(k)
     x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(70, k, generator=g).bfloat16()
@@ -304,6 +304,59 @@ def test_plan_step_equals_layer_by_layer(over, monkeypatch):
     assert err(fast, slow) < 1e-4 and torch.equal(fast.argmax(-1), slow.argmax(-1))
     for (k, a), b in zip(cache_fast.tensors().items(), cache_slow.tensors().values()):
         assert err(a, b) < 1e-4, k
+
+
+@pytest.mark.parametrize("over", [dict(), dict(router_renormalize=True, num_experts=3, num_experts_per_tok=2),
+                                  dict(layout="aMmA", num_hidden_layers=4, mamba_proj_bias=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8", "int4:g32"])
+@pytest.mark.parametrize("b, l", [(1, 2), (1, 5), (1, 8), (2, 3)])
+def test_plan_takes_a_verify_chunk(over, dtype, b, l, monkeypatch):
+    """A speculative verify chunk (l tokens per row, rows x l <= PLAN_ROWS) through the one-call step: the
+    same logits, cache states and Mamba trails (the state before each token, the conv inputs) as the
+    layer-by-layer path, and a rollback to any prefix leaves the same cache. Quantized layers included."""
+    from hybridlm.quant import quantize_model
+    model = HybridLM(preset("tiny", **over)).init_weights(0)
+    randomize_(model, seed=9)
+    model.eval()
+    if isinstance(dtype, str):
+        quantize_model(model, dtype)
+    else:
+        model.to(dtype)
+    prompt = torch.randint(3, model.config.vocab_size, (b, 9), generator=gen(12))
+    chunk = torch.randint(3, model.config.vocab_size, (b, l), generator=gen(13))
+    calls = []
+    real = decode_cpu.plan_step
+    monkeypatch.setattr(decode_cpu, "plan_step", lambda *a: calls.append(a[2].shape) or real(*a))
+
+    def run(keep):
+        cache = model.new_cache(b, 20)
+        prefill(model, cache, prompt)
+        ck = cache.checkpoint(l, trail=True)
+        with torch.no_grad():
+            logits = model(chunk, cache)
+        trails = {i: (t.u.float(), t.ssm, t.last) for i, t in ck.trails.items()}
+        after = {k: v.clone() for k, v in cache.tensors().items()}
+        cache.rollback(ck, keep)
+        return logits, trails, after, cache.tensors()
+
+    for keep in sorted({1, l // 2, l}):
+        calls.clear()
+        fast = run(keep)
+        assert (b, l) in calls
+        with monkeypatch.context() as m:
+            m.setattr(decode_cpu, "plan_applies", lambda *a: False)
+            slow = run(keep)
+        scale = slow[0].float().abs().max().item()
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        assert err(fast[0], slow[0]) < tol * scale
+        assert torch.equal(fast[0].argmax(-1), slow[0].argmax(-1)) or dtype != torch.float32
+        assert fast[1].keys() == slow[1].keys() and fast[1]
+        for i in slow[1]:
+            for a, c in zip(fast[1][i], slow[1][i]):
+                assert a.shape == c.shape and err(a, c) < tol * max(1.0, c.abs().max().item()), i
+        for states_fast, states_slow in ((fast[2], slow[2]), (fast[3], slow[3])):
+            for k, c in states_slow.items():
+                assert err(states_fast[k], c) < tol * max(1.0, c.float().abs().max().item()), k
 
 
 def test_plan_follows_weight_and_cache_changes():

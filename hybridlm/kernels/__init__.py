@@ -117,7 +117,7 @@ def _report() -> dict:
                                       else "torch SDPA (this CPU or build has no AVX512-BF16 kernel)")
                                    + "; otherwise torch SDPA",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
-                      f"{'one C++ call per step through all layers for Jamba-style layers (Mamba-1, attention without RoPE/window, no multipliers or shared experts), else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear); Mamba-2 layers decline the whole-step call and decode with torch ops (mamba2.ssd_step), as do layers with a mixer or a feed-forward alone (Nemotron-H) and relu2 MLPs' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
+                      f"{'one C++ call per step through all layers for Jamba-style layers (Mamba-1, attention without RoPE/window, no multipliers or shared experts), speculative verify chunks of up to 8 rows x tokens included, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear); Mamba-2 layers decline the whole-step call and decode with torch ops (mamba2.ssd_step), as do layers with a mixer or a feed-forward alone (Nemotron-H) and relu2 MLPs' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "quantized weights": (f"int8/int4 times int8 activations in the decode kernels "
                                   f"({'AVX2 integer dot products' if 'AVX' in build.info['isa'] else 'portable C++'}), "

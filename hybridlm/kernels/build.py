@@ -47,7 +47,7 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_has_flash_attn": [],
     "hybridlm_flash_attn": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P] + [_I64] * 8
                            + [ctypes.c_float, _INT],
-    "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
+    "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, ctypes.c_float, _INT],
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }
 RESTYPES = {"hybridlm_decode_rec_len": _I64, "hybridlm_has_flash_attn": _INT, "hybridlm_flash_attn": _INT}  # else void

@@ -230,12 +230,19 @@ _INDEX = {**{k: i for i, k in enumerate(_HEAD + _MAMBA + _FFN)}, **{k: len(_HEAD
 _REC = len(_HEAD + _MAMBA + _FFN)
 
 
+# tokens x rows the whole step takes at once: a decode step of up to MAX_ROWS rows, or a speculative verify
+# chunk (k + 1 tokens of a row; the projections read each weight once per 4 rows, the recurrences and the
+# attention go token by token). Past this a chunk is a prompt, and the layer-by-layer path's GEMMs win.
+PLAN_ROWS = 8
+
+
 def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
-    """Whether ``DecodePlan`` can run this forward: one token per row, at most MAX_ROWS rows, no mask, no
-    gradient, CPU, fp32/bf16, and only Jamba's layers: Mamba-1 mixers, full attention without RoPE, no
-    multipliers or shared experts (``jamba_layers``)."""
+    """Whether ``DecodePlan`` can run this forward: rows x tokens <= PLAN_ROWS (one token per row: at most
+    MAX_ROWS rows), no mask, no gradient, CPU, fp32/bf16, and only Jamba's layers: Mamba-1 mixers, full
+    attention without RoPE, no multipliers or shared experts (``jamba_layers``)."""
     w = model.model.embed_tokens.weight
-    return (mask is None and input_ids.shape[1] == 1 and input_ids.shape[0] <= MAX_ROWS
+    b, l = input_ids.shape
+    return (mask is None and (b <= MAX_ROWS if l == 1 else b * l <= PLAN_ROWS)
             and input_ids.device.type == "cpu" and w.dtype in _DTYPES and jamba_layers(model.config) is None
             and not (torch.is_grad_enabled() and w.requires_grad))
 
@@ -358,21 +365,43 @@ class DecodePlan:
         return all(getattr(layers[i], name).data_ptr() == p for i, name, p in self.states)
 
 
+def _trails(layers, b: int, l: int) -> tuple[torch.Tensor | None, list]:
+    """The Mamba trails a speculative verify asked for (``Cache.checkpoint(trail=True)``): per layer the
+    two buffers the kernel fills (conv inputs [b, l, d_in], SSM states before each token [b, l, d_in, n],
+    fp32) as a [layers, 2] pointer table, or None when no layer records; and the (trail, ssm) pairs whose
+    ``last`` is the state the call leaves."""
+    pointers, pending = [0] * (2 * len(layers)), []
+    for i, s in enumerate(layers):
+        trail = getattr(s, "trail", None)
+        if trail is not None and trail.u is None:
+            trail.u = torch.empty(b, l, s.ssm.shape[1], dtype=torch.float32)
+            trail.ssm = torch.empty(b, l, *s.ssm.shape[1:], dtype=torch.float32)
+            pointers[2 * i: 2 * i + 2] = trail.u.data_ptr(), trail.ssm.data_ptr()
+            pending.append((trail, s.ssm))
+    return (torch.tensor(pointers, dtype=torch.int64) if pending else None), pending
+
+
 def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
-    """HybridLM.forward for one token per row with a cache, through one C++ call for all layers:
-    input_ids [b, 1] -> logits [b, 1, v] in the model's dtype; the cache advances by one position."""
+    """HybridLM.forward through one C++ call for all layers, for l tokens of each of b rows with a cache
+    (``plan_applies``): input_ids [b, l] -> logits [b, l, v] in the model's dtype; the cache advances by l
+    positions. l > 1 is a speculative verify chunk: the tokens of a row go through the recurrences in order,
+    and a trail the cache asked for is recorded."""
     plan = cache.__dict__.get("_decode_plan")
     if plan is None or not plan.current(model, cache):
         plan = DecodePlan(model, cache)
         cache.__dict__["_decode_plan"] = plan
-    b = input_ids.shape[0]
-    _, valid, start = cache.kernel_view()
-    cache.advance(1)
+    b, l = input_ids.shape
+    layers, valid, start = cache.kernel_view()
+    table, pending = _trails(layers, b, l)
+    cache.advance(l)
     emb = model.model.embed_tokens
-    x = emb(input_ids)[:, 0].float().contiguous()                                     # [b, d] fp32 residual
+    x = emb(input_ids).reshape(b * l, -1).float().contiguous()                       # [b * l, d] fp32 residual
     d = x.shape[1]
     final = model.model.final_layernorm
     build.load().hybridlm_decode_layers(ptr(plan.recs), plan.recs.shape[0], ptr(x), ptr(valid),
-                                        valid.stride(0), start, b, d, final.eps, torch.get_num_threads())
+                                        valid.stride(0), start, b, l, ptr(table), d, final.eps,
+                                        torch.get_num_threads())
+    for trail, ssm in pending:
+        trail.last = ssm.clone()
     h = rmsnorm_cpu(final, x)
-    return linear_step(h, model.lm_head).to(emb.weight.dtype)[:, None]
+    return linear_step(h, model.lm_head).to(emb.weight.dtype).view(b, l, -1)

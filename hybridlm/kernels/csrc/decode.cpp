@@ -87,8 +87,16 @@ inline void split(int64_t n, int t, int nt, int64_t align, int64_t& r0, int64_t&
     r1 = std::min(n, blocks * (t + 1) / nt * align);
 }
 
+void mamba_tokens(const void* x, void* out, int act_bf16, const Mat* w_in, const Mat* w_x, const Mat* w_dt,
+                  const Mat* w_out, const float* in_bias, const float* out_bias, const float* conv_w,
+                  const float* conv_b, const float* dt_ln, const float* b_ln, const float* c_ln, float eps,
+                  const float* dt_bias, const float* A, const float* Dp, void* conv_state, int state_bf16, float* ssm,
+                  int64_t rows, int64_t tokens, float* trail_u, float* trail_ssm, int64_t d, int64_t d_in, int64_t n,
+                  int64_t r, int64_t k, int threads);
+
 constexpr int RB = 4;   // split rows between threads in multiples of this
-constexpr int BB = 4;   // batch rows per pass over a weight row
+constexpr int BB = 4;   // batch rows per pass over a quantized weight row
+constexpr int BF = 8;   // batch rows per pass over an fp32/bf16 weight row (a speculative verify chunk's 8)
 constexpr int64_t X_TILE_BYTES = 96 * 1024;   // quantized x rows kept in L2 per pass over the weights
 
 // s[j] = dot(wr[:k], x[j*k : (j+1)*k]) for NB batch rows; NB * CH independent accumulator chains
@@ -199,9 +207,37 @@ inline void row_dot_any(const bf16* wr, const bf16*, const float* x, int64_t k, 
 // without AVX512-BF16 the dots widen the weights and read x in fp32: nothing to prepare
 inline const bf16* bf16_rows(const float*, int64_t, int64_t, std::vector<bf16>&) { return nullptr; }
 #endif
+#ifdef __AVX2__
+// fp32 weights on AVX2: 8-lane registers (the 16-lane vector type of row_dot spills to the stack here:
+// 1 row of a 1280 x 320 weight took 177 us against torch's 58 us; this loop 4 accumulator chains deep)
+template <int NB>
+inline void row_dot_f32_avx2(const float* wr, const float* x, int64_t k, float* s) {
+    constexpr int CH = NB >= 8 ? 1 : 8 / NB;   // 8 accumulator chains: FMA latency 4 x 2 ports
+    __m256 acc[NB][CH];
+    for (int j = 0; j < NB; ++j)
+        for (int q = 0; q < CH; ++q) acc[j][q] = _mm256_setzero_ps();
+    const int64_t kv = k / (8 * CH) * (8 * CH);
+    for (int64_t c = 0; c < kv; c += 8 * CH)
+        for (int q = 0; q < CH; ++q) {
+            const __m256 wv = _mm256_loadu_ps(wr + c + 8 * q);
+            for (int j = 0; j < NB; ++j) acc[j][q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * k + c + 8 * q), acc[j][q]);
+        }
+    for (int j = 0; j < NB; ++j) {
+        __m256 t = acc[j][0];
+        for (int q = 1; q < CH; ++q) t = _mm256_add_ps(t, acc[j][q]);
+        s[j] = hsum_avx2(t);
+        for (int64_t i = kv; i < k; ++i) s[j] += wr[i] * x[j * k + i];
+    }
+}
+#endif
+
 template <int NB>
 inline void row_dot_any(const float* wr, const bf16*, const float* x, int64_t k, float* s) {
+#ifdef __AVX2__
+    row_dot_f32_avx2<NB>(wr, x, k, s);
+#else
     row_dot<float, NB>(wr, x, k, s);
+#endif
 }
 
 // out[bi, r] = dot(w[r, :k], x[bi, :k]) (+ bias[r]) for rows r in [r0, r1); x fp32 [b, k]; out fp32 with
@@ -210,20 +246,24 @@ inline void row_dot_any(const float* wr, const bf16*, const float* x, int64_t k,
 template <typename T>
 void gemv_rows(const T* w, const float* bias, const float* x, float* out, int64_t ldo, int64_t b, int64_t k,
                int64_t r0, int64_t r1) {
-    float s[BB];
+    float s[BF];
     thread_local std::vector<bf16> buf;
     const bf16* xh = std::is_same_v<T, bf16> ? bf16_rows(x, b, k, buf) : nullptr;
     for (int64_t r = r0; r < r1; ++r) {
         const T* wr = w + r * k;
-        for (int64_t b0 = 0; b0 < b; b0 += BB) {
-            const int64_t nb = std::min<int64_t>(BB, b - b0);
+        for (int64_t b0 = 0; b0 < b; b0 += BF) {
+            const int64_t nb = std::min<int64_t>(BF, b - b0);
             const float* xb = x + b0 * k;
             const bf16* xhb = xh ? xh + b0 * k : nullptr;
             switch (nb) {
                 case 1: row_dot_any<1>(wr, xhb, xb, k, s); break;
                 case 2: row_dot_any<2>(wr, xhb, xb, k, s); break;
                 case 3: row_dot_any<3>(wr, xhb, xb, k, s); break;
-                default: row_dot_any<4>(wr, xhb, xb, k, s); break;
+                case 4: row_dot_any<4>(wr, xhb, xb, k, s); break;
+                case 5: row_dot_any<5>(wr, xhb, xb, k, s); break;
+                case 6: row_dot_any<6>(wr, xhb, xb, k, s); break;
+                case 7: row_dot_any<7>(wr, xhb, xb, k, s); break;
+                default: row_dot_any<8>(wr, xhb, xb, k, s); break;
             }
             for (int64_t j = 0; j < nb; ++j) out[(b0 + j) * ldo + r] = s[j] + (bias ? bias[r] : 0.0f);
         }
@@ -542,7 +582,7 @@ void hybridlm_mlp_step(const void* x, void* out, int act_bf16, const Mat* wg, co
 void hybridlm_moe_step(const void* x, void* out, int act_bf16, const Mat* router, const Mat* const* wg,
                        const Mat* const* wu, const Mat* const* wd, float* logits, int64_t b,
                        int64_t d, int64_t f, int64_t e, int64_t topk, int renorm, int threads) {
-    std::vector<float> xf = load_act(x, b * d, act_bf16), g(f), u(f), of(d), acc(b * d, 0.0f), prob(e);
+    std::vector<float> xf = load_act(x, b * d, act_bf16), acc(b * d, 0.0f), prob(e);
     std::vector<int64_t> chosen(b * topk);
     std::vector<float> weight(b * topk);
     gemv(*router, nullptr, xf.data(), logits, e, b, d, 0, e);
@@ -563,23 +603,35 @@ void hybridlm_moe_step(const void* x, void* out, int act_bf16, const Mat* router
         }
         if (renorm)
             for (int64_t q = 0; q < topk; ++q) weight[bi * topk + q] /= sum;
-        for (int64_t q = 1; q < topk; ++q)             // expert-id order, as MoE.forward adds them
-            for (int64_t p = q; p > 0 && chosen[bi * topk + p] < chosen[bi * topk + p - 1]; --p) {
-                std::swap(chosen[bi * topk + p], chosen[bi * topk + p - 1]);
-                std::swap(weight[bi * topk + p], weight[bi * topk + p - 1]);
-            }
+    }
+    // each chosen expert once, in id order, over all the rows that chose it (its weights read once per 4
+    // rows, not once per row); a row's expert outputs are added in expert-id order, as MoE.forward adds them
+    std::vector<int64_t> who;
+    std::vector<float> xs(b * d), g(b * f), u(b * f), of(b * d), ws;
+    for (int64_t ex = 0; ex < e; ++ex) {
+        who.clear();
+        ws.clear();
+        for (int64_t bi = 0; bi < b; ++bi)
+            for (int64_t q = 0; q < topk; ++q)
+                if (chosen[bi * topk + q] == ex) {
+                    who.push_back(bi);
+                    ws.push_back(weight[bi * topk + q]);
+                }
+        const int64_t nb = static_cast<int64_t>(who.size());
+        if (!nb) continue;
+        for (int64_t i = 0; i < nb; ++i) std::copy(xf.data() + who[i] * d, xf.data() + (who[i] + 1) * d, xs.data() + i * d);
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t r0 = 0, r1 = 0;
+            mlp_share(xs.data(), *wg[ex], *wu[ex], *wd[ex], g.data(), u.data(), of.data(), nb, d, f, r0, r1);
+            for (int64_t i = 0; i < nb; ++i)
+                for (int64_t r = r0; r < r1; ++r) acc[who[i] * d + r] += ws[i] * of[i * d + r];
+        }
     }
 #pragma omp parallel num_threads(threads)
     {
-        int64_t r0 = 0, r1 = 0;   // set by mlp_share (b * topk >= 1)
-        for (int64_t bi = 0; bi < b; ++bi)
-            for (int64_t q = 0; q < topk; ++q) {
-                const int64_t ex = chosen[bi * topk + q];
-                mlp_share(xf.data() + bi * d, *wg[ex], *wu[ex], *wd[ex], g.data(), u.data(), of.data(), 1, d, f,
-                          r0, r1);
-                for (int64_t r = r0; r < r1; ++r) acc[bi * d + r] += weight[bi * topk + q] * of[r];
-#pragma omp barrier
-            }
+        int64_t r0, r1;
+        split(d, omp_get_thread_num(), omp_get_num_threads(), RB, r0, r1);
         store_cols(out, acc.data(), b, d, r0, r1, act_bf16);
     }
 }
@@ -595,7 +647,28 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
                          const float* dt_bias, const float* A, const float* Dp,
                          void* conv_state, int state_bf16, float* ssm,
                          int64_t b, int64_t d, int64_t d_in, int64_t n, int64_t r, int64_t k, int threads) {
-    const int64_t nx = r + 2 * n;
+    mamba_tokens(x, out, act_bf16, w_in, w_x, w_dt, w_out, in_bias, out_bias, conv_w, conv_b, dt_ln, b_ln, c_ln, eps,
+                 dt_bias, A, Dp, conv_state, state_bf16, ssm, b, 1, nullptr, nullptr, d, d_in, n, r, k, threads);
+}
+
+}  // extern "C"
+
+namespace {
+
+// The mixer for `tokens` consecutive tokens of each of b state rows: activation row i is token i % tokens
+// of state row i / tokens. The projections take all b * tokens rows in one pass over each weight; the conv
+// and the scan run the tokens of a state row in order (each channel's rows are visited in row order by the
+// one thread that owns the channel). trail_u [b * tokens, d_in] and trail_ssm [b * tokens, d_in, n], when
+// not null, receive each token's conv input and the SSM state before it (Cache.checkpoint(trail=True)).
+void mamba_tokens(const void* x, void* out, int act_bf16,
+                  const Mat* w_in, const Mat* w_x, const Mat* w_dt, const Mat* w_out,
+                  const float* in_bias, const float* out_bias, const float* conv_w, const float* conv_b,
+                  const float* dt_ln, const float* b_ln, const float* c_ln, float eps,
+                  const float* dt_bias, const float* A, const float* Dp,
+                  void* conv_state, int state_bf16, float* ssm, int64_t rows, int64_t tokens,
+                  float* trail_u, float* trail_ssm,
+                  int64_t d, int64_t d_in, int64_t n, int64_t r, int64_t k, int threads) {
+    const int64_t b = rows * tokens, nx = r + 2 * n;
     std::vector<float> xf = load_act(x, b * d, act_bf16), xz(b * 2 * d_in), u(b * d_in), dbc(b * nx), y(b * d_in),
         of(b * d), dt(b * r), dtp(b * d_in);
     const bool s16 = state_bf16;
@@ -611,7 +684,8 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
         for (int64_t bi = 0; bi < b; ++bi)
             for (int64_t c = c0; c < c1; ++c) {
                 const float xin = xz[bi * 2 * d_in + c];
-                const int64_t s0 = (bi * d_in + c) * (k - 1);
+                if (trail_u) trail_u[bi * d_in + c] = xin;
+                const int64_t s0 = (bi / tokens * d_in + c) * (k - 1);
                 float acc = (conv_b ? conv_b[c] : 0.0f) + xin * conv_w[c * k + k - 1];
                 for (int64_t j = 0; j < k - 1; ++j) acc += get(conv_state, s0 + j, s16) * conv_w[c * k + j];
                 for (int64_t j = 0; j + 1 < k - 1; ++j) put(conv_state, s0 + j, get(conv_state, s0 + j + 1, s16), s16);
@@ -639,7 +713,8 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
                 const float s = dtp[bi * d_in + c];
                 const float delta = s > 20.0f ? s : std::log1p(std::exp(s));   // softplus, threshold 20
                 const float uc = u[bi * d_in + c];
-                float* h = ssm + (bi * d_in + c) * n;
+                float* h = ssm + (bi / tokens * d_in + c) * n;
+                if (trail_ssm) std::copy(h, h + n, trail_ssm + (bi * d_in + c) * n);
                 vf yv = splat(0.0f);
                 for (int64_t j = 0; j < n; j += W) {
                     const int w = static_cast<int>(std::min<int64_t>(W, n - j));
@@ -659,10 +734,6 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
         store_cols(out, of.data(), b, d, c0, c1, act_bf16);
     }
 }
-
-}  // extern "C"
-
-namespace {
 
 // acc[j, :] += sum_t p[j * ps + t] * V[t, :] for GB query heads j and nb slots t of V [nb, NV * W], with
 // the GB x NV accumulator vectors held in registers (kept in memory, each multiply-add also costs a
@@ -852,52 +923,74 @@ enum Rec : int64_t {
 int64_t hybridlm_decode_rec_len() { return REC; }
 
 void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const uint8_t* valid, int64_t valid_stride,
-                            int64_t pos, int64_t b, int64_t d, float eps, int threads) {
-    std::vector<float> h(b * d), o(b * d);
-    std::vector<float> q, kv, att, logits;
+                            int64_t pos, int64_t b, int64_t tokens, const int64_t* trails, int64_t d, float eps,
+                            int threads) {
+    // b state rows x `tokens` tokens each: activation row i is token i % tokens (cache slot pos + that) of
+    // cache row i / tokens (a speculative verify chunk; tokens == 1 for a decode step). trails: null, or per
+    // layer two pointers (conv inputs [b * tokens, d_in], SSM states before each token [b * tokens, d_in, n];
+    // zero for attention layers) that the Mamba layers fill.
+    const int64_t rows = b * tokens;
+    std::vector<float> h(rows * d), o(rows * d);
+    std::vector<float> q, kv, att, logits, qt, at;
     auto P = [](int64_t v) { return reinterpret_cast<void*>(v); };
     for (int64_t li = 0; li < layers; ++li) {
         const int64_t* r = recs + li * REC;
         const int nb = static_cast<int>(r[R_NORM_BF16]);
         auto M = [&](Rec f) { return reinterpret_cast<const Mat*>(r[f]); };
-        hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM1]), nb, eps, b, d, 1);
+        hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM1]), nb, eps, rows, d, 1);
         if (r[R_MIXER] == 0) {
-            hybridlm_mamba_step(h.data(), o.data(), 0, M(R_W_IN), M(R_W_X), M(R_W_DT), M(R_W_OUT),
-                                (const float*)P(r[R_IN_B]), (const float*)P(r[R_OUT_B]), (const float*)P(r[R_CONV_W]),
-                                (const float*)P(r[R_CONV_B]), (const float*)P(r[R_DT_LN]), (const float*)P(r[R_B_LN]),
-                                (const float*)P(r[R_C_LN]), eps, (const float*)P(r[R_DT_B]), (const float*)P(r[R_A]),
-                                (const float*)P(r[R_D]), P(r[R_CONV]), static_cast<int>(r[R_CONV_BF16]),
-                                (float*)P(r[R_SSM]), b, d, r[R_D_IN], r[R_N], r[R_R], r[R_K], threads);
+            mamba_tokens(h.data(), o.data(), 0, M(R_W_IN), M(R_W_X), M(R_W_DT), M(R_W_OUT),
+                         (const float*)P(r[R_IN_B]), (const float*)P(r[R_OUT_B]), (const float*)P(r[R_CONV_W]),
+                         (const float*)P(r[R_CONV_B]), (const float*)P(r[R_DT_LN]), (const float*)P(r[R_B_LN]),
+                         (const float*)P(r[R_C_LN]), eps, (const float*)P(r[R_DT_B]), (const float*)P(r[R_A]),
+                         (const float*)P(r[R_D]), P(r[R_CONV]), static_cast<int>(r[R_CONV_BF16]),
+                         (float*)P(r[R_SSM]), b, tokens, trails ? (float*)P(trails[2 * li]) : nullptr,
+                         trails ? (float*)P(trails[2 * li + 1]) : nullptr, d, r[R_D_IN], r[R_N], r[R_R], r[R_K], threads);
         } else {
             const int64_t nh = r[R_H], nkv = r[R_H_KV], S = r[R_S], dh = r[R_DH];
             const bool c16 = r[R_KV_BF16];
-            q.resize(b * nh * dh);
-            kv.resize(b * nkv * dh);
-            att.resize(b * nh * dh);
-            hybridlm_linear_step(h.data(), 0, M(R_WQ), nullptr, q.data(), b, d, nh * dh, threads);
-            for (int which = 0; which < 2; ++which) {   // K then V of this token into slot `pos`
-                hybridlm_linear_step(h.data(), 0, M(which ? R_WV : R_WK), nullptr, kv.data(), b, d, nkv * dh, threads);
+            q.resize(rows * nh * dh);
+            kv.resize(rows * nkv * dh);
+            att.resize(rows * nh * dh);
+            hybridlm_linear_step(h.data(), 0, M(R_WQ), nullptr, q.data(), rows, d, nh * dh, threads);
+            for (int which = 0; which < 2; ++which) {   // K then V of each token into its slot
+                hybridlm_linear_step(h.data(), 0, M(which ? R_WV : R_WK), nullptr, kv.data(), rows, d, nkv * dh, threads);
                 void* cache = P(which ? r[R_VC] : r[R_KC]);
-                for (int64_t bi = 0; bi < b; ++bi)
+                for (int64_t i = 0; i < rows; ++i)
                     for (int64_t hk = 0; hk < nkv; ++hk)
                         for (int64_t c = 0; c < dh; ++c)
-                            put(cache, ((bi * nkv + hk) * S + pos) * dh + c, kv[(bi * nkv + hk) * dh + c], c16);
+                            put(cache, ((i / tokens * nkv + hk) * S + pos + i % tokens) * dh + c,
+                                kv[(i * nkv + hk) * dh + c], c16);
             }
-            hybridlm_attn_step(q.data(), att.data(), 0, P(r[R_KC]), P(r[R_VC]), c16, valid, valid_stride, b, nh, nkv, S,
-                               pos + 1, dh, 1.0f / std::sqrt(static_cast<float>(dh)), threads);
-            hybridlm_linear_step(att.data(), 0, M(R_WO), nullptr, o.data(), b, nh * dh, d, threads);
+            if (tokens == 1) {
+                hybridlm_attn_step(q.data(), att.data(), 0, P(r[R_KC]), P(r[R_VC]), c16, valid, valid_stride, b, nh,
+                                   nkv, S, pos + 1, dh, 1.0f / std::sqrt(static_cast<float>(dh)), threads);
+            } else {   // token j of every row sees the slots up to its own: one call per token position
+                const int64_t w = nh * dh;
+                qt.resize(b * w);
+                at.resize(b * w);
+                for (int64_t j = 0; j < tokens; ++j) {
+                    for (int64_t bi = 0; bi < b; ++bi)
+                        std::copy(q.data() + (bi * tokens + j) * w, q.data() + (bi * tokens + j + 1) * w, qt.data() + bi * w);
+                    hybridlm_attn_step(qt.data(), at.data(), 0, P(r[R_KC]), P(r[R_VC]), c16, valid, valid_stride, b,
+                                       nh, nkv, S, pos + j + 1, dh, 1.0f / std::sqrt(static_cast<float>(dh)), threads);
+                    for (int64_t bi = 0; bi < b; ++bi)
+                        std::copy(at.data() + bi * w, at.data() + (bi + 1) * w, att.data() + (bi * tokens + j) * w);
+                }
+            }
+            hybridlm_linear_step(att.data(), 0, M(R_WO), nullptr, o.data(), rows, nh * dh, d, threads);
         }
-        for (int64_t i = 0; i < b * d; ++i) x[i] += o[i];
-        hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM2]), nb, eps, b, d, 1);
+        for (int64_t i = 0; i < rows * d; ++i) x[i] += o[i];
+        hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM2]), nb, eps, rows, d, 1);
         if (r[R_FFN] == 0) {
-            hybridlm_mlp_step(h.data(), o.data(), 0, M(R_F_A), M(R_F_B), M(R_F_C), b, d, r[R_FF], threads);
+            hybridlm_mlp_step(h.data(), o.data(), 0, M(R_F_A), M(R_F_B), M(R_F_C), rows, d, r[R_FF], threads);
         } else {
-            logits.resize(b * r[R_E]);
+            logits.resize(rows * r[R_E]);
             hybridlm_moe_step(h.data(), o.data(), 0, M(R_F_A), (const Mat* const*)P(r[R_F_B]),
-                              (const Mat* const*)P(r[R_F_C]), (const Mat* const*)P(r[R_F_D]), logits.data(), b, d,
+                              (const Mat* const*)P(r[R_F_C]), (const Mat* const*)P(r[R_F_D]), logits.data(), rows, d,
                               r[R_FF], r[R_E], r[R_TOPK], static_cast<int>(r[R_RENORM]), threads);
         }
-        for (int64_t i = 0; i < b * d; ++i) x[i] += o[i];
+        for (int64_t i = 0; i < rows * d; ++i) x[i] += o[i];
     }
 }
 
