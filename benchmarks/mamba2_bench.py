@@ -171,7 +171,7 @@ def layer_bench(cfg, lengths: list[int], ref_max: int, decode_prompt: int, decod
             ours(prompt_x.to(dtype), st)
             hf(prompt_x.to(dtype), cache=cache)
             d = max(_maxdiff(ours(s.to(dtype), st), hf(s.to(dtype), cache=cache)) for s in steps_x[:2])
-            out["agreement"].append({"dtype": dname, "what": f"decode 2 steps after {decode_prompt}: ssd_step vs "
+            out["agreement"].append({"dtype": dname, "what": f"decode 2 steps after {decode_prompt}: hybridlm decode step vs "
                                      "transformers (CPU path)", "max_abs_diff": d})
             for a in out["agreement"][-3:]:
                 _say(f"[{dname}] {a['what']}: max |diff| {a['max_abs_diff']:.2e}")
@@ -187,9 +187,9 @@ def layer_bench(cfg, lengths: list[int], ref_max: int, decode_prompt: int, decod
                                         "measured_tokens": m, "seconds": s, "tok_s": m / s})
                     _say(f"[{dname}] layer {name} prefill {n}" + (f" (measured at {m})" if m != n else "") +
                          f": {m / s:,.0f} tok/s")
-            # decode: one token against the state after the prompt (hybridlm: ssd_step; the reference
+            # decode: one token against the state after the prompt (hybridlm: the fused C++ step; the reference
             # scan's decode is the same recurrence for one token, so it is not timed separately)
-            decoders = {"hybridlm (ssd_step)": lambda s, st: ours(s, st),
+            decoders = {"hybridlm (decode step)": lambda s, st: ours(s, st),
                         "transformers (CPU path)": lambda s, c: hf(s, cache=c)}
             for name, fn in decoders.items():
                 best = float("inf")
@@ -448,8 +448,9 @@ def write_report(res: dict, out: Path):
                 L.append(f"| {d} | {impl} | " + " | ".join(cells) + f" | {' / '.join(ratios) or '1'} |")
         L += ["\nThe reference scan is sequential: its tok/s does not depend on length, and where marked it was "
               "measured on fewer tokens (`--ref-max`). Decode: one token against the state after a "
-              f"{lay['rows'][-1]['context']}-token prompt; hybridlm's step is `ssd_step` (the reference scan on "
-              "one token is the same recurrence)."]
+              f"{lay['rows'][-1]['context']}-token prompt; hybridlm's step is the fused C++ Mamba-2 step "
+              "(`kernels.mamba2_step`; `ssd_step` where the kernels do not load; the reference scan on one token "
+              "is the same recurrence)."]
     m = res.get("model")
     if m:
         L += [f"\n## 2. Whole model: {m['params'] / 1e6:.1f}M parameters, layout `{res['config']['layout']}`\n",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Mamba2State
-from .kernels import Linear, causal_conv1d
+from .kernels import Linear, causal_conv1d, decode_kernels, mamba2_step
 from .norm import RMSNorm
 
 # elements of one [b, chunks, h, Q, Q] block of the intra-chunk product: bounds prefill memory (a 256K-token
@@ -166,6 +166,8 @@ class Mamba2Mixer(nn.Module):
         As in mamba.py, padded positions add nothing: x, B, C are zeroed before and after the conv, and dt
         is 0 there (decay 1, no input), so a left-padded row ends in the state it would have alone."""
         b, l, _ = x.shape
+        if l == 1 and state is not None and mask is None and decode_kernels(x, self.in_proj, self.out_proj):
+            return mamba2_step(self, x, state)                   # the same computation, fused (kernels/decode_cpu.py)
         z, xBC, dt = self.in_proj(x).split([self.d_in, self.conv_dim, self.h], dim=-1)  # [b,l,d_in] [b,l,conv] [b,l,h]
         if mask is not None:
             xBC = xBC * mask[..., None]

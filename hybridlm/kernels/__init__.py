@@ -36,7 +36,7 @@ from torch import nn
 from . import decode_cpu
 from .attn_cpu import HEAD_SIZES, flash_attn_available, flash_attn_cpu
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_infer, causal_conv1d_step
-from .decode_cpu import attn_step, dequantize_cpu, linear_step, mamba_step, mlp_step, moe_step
+from .decode_cpu import attn_step, dequantize_cpu, linear_step, mamba2_step, mamba_step, mlp_step, moe_step
 from .elementwise_cpu import rmsnorm_cpu, silu_mul_cpu
 from .ref import causal_conv1d_ref, selective_scan_ref
 from .scan_cpu import selective_scan_cpu, selective_scan_infer, selective_scan_step
@@ -117,7 +117,7 @@ def _report() -> dict:
                                       else "torch SDPA (this CPU or build has no AVX512-BF16 kernel)")
                                    + "; otherwise torch SDPA",
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
-                      f"{'one C++ call per step through all layers for Jamba-style layers (Mamba-1, attention without RoPE/window, no multipliers or shared experts), speculative verify chunks of up to 8 rows x tokens included, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear); Mamba-2 layers decline the whole-step call and decode with torch ops (mamba2.ssd_step), as do layers with a mixer or a feed-forward alone (Nemotron-H) and relu2 MLPs' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
+                      f"{'one C++ call per step through all layers for Jamba-style layers (Mamba-1, attention without RoPE/window, no multipliers or shared experts), speculative verify chunks of up to 8 rows x tokens included, else fused C++ steps per layer (Mamba mixer, MLP, MoE, attention over the cache, RMSNorm, linear); models with Mamba-2 layers decline the whole-step call and decode layer by layer, Mamba-2 mixers through their fused C++ step, as do models with layers with a mixer or a feed-forward alone (Nemotron-H) or relu2 MLPs' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "quantized weights": (f"int8/int4 times int8 activations in the decode kernels "
                                   f"({'AVX2 integer dot products' if 'AVX' in build.info['isa'] else 'portable C++'}), "

@@ -47,6 +47,8 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_has_flash_attn": [],
     "hybridlm_flash_attn": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P] + [_I64] * 8
                            + [ctypes.c_float, _INT],
+    "hybridlm_mamba2_step": [_P, _P, _INT, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_float, _P, _P, _P,
+                             _I64, ctypes.c_float, _P, _INT, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _INT],
     "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, ctypes.c_float, _INT],
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }

@@ -169,6 +169,36 @@ def mamba_step(m, x: torch.Tensor, state) -> torch.Tensor:
     return out
 
 
+def _mamba2_sources(m) -> tuple:
+    """The Mamba-2 mixer's small parameters, in _mamba2_small's order."""
+    return (m.in_proj.bias, m.out_proj.bias, m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight)
+
+
+def _mamba2_small(in_b, out_b, conv_w, conv_b, dt_b, A_log, D, norm_w) -> tuple:
+    return in_b, out_b, conv_w[:, 0], conv_b, dt_b, -torch.exp(A_log.float()), D, norm_w
+
+
+def mamba2_step(m, x: torch.Tensor, state) -> torch.Tensor:
+    """mamba2.Mamba2Mixer's forward for one token per row: x [b, 1, d] -> [b, 1, d]; ``state`` (a
+    cache.Mamba2State, contiguous) is updated in place. fp32 between the projections (the op-by-op path
+    rounds y to the model dtype before out_proj)."""
+    conv, ssm = state.conv, state.ssm
+    if not (conv.is_contiguous() and ssm.is_contiguous() and ssm.dtype == torch.float32 and conv.dtype in _DTYPES):
+        raise ValueError("the decode kernels need a contiguous Mamba-2 state (conv fp32/bf16, ssm fp32) as "
+                         "HybridLM.new_cache allocates it")
+    x = x.contiguous()
+    b, _, d = x.shape
+    out = torch.empty_like(x)
+    in_b, out_b, conv_w, conv_b, dt_b, A, D, norm_w = _small_params(m, _mamba2_sources(m), _mamba2_small)
+    w_in, w_out = mat(m.in_proj), mat(m.out_proj)
+    lo, hi = m.dt_limit
+    build.load().hybridlm_mamba2_step(
+        ptr(x), ptr(out), _is16(x), ctypes.byref(w_in), ctypes.byref(w_out), ptr(in_b), ptr(out_b), ptr(conv_w),
+        ptr(conv_b), ptr(dt_b), float(lo), float(hi), ptr(A), ptr(D), ptr(norm_w), m.norm.group, m.norm.eps,
+        ptr(conv), _is16(conv), ptr(ssm), b, d, m.h, m.p, m.g, m.n, m.k, torch.get_num_threads())
+    return out
+
+
 def attn_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor | None,
               slots: int, heads: int) -> torch.Tensor:
     """Attention of one query token per row over cache slots [0, slots): q [b, 1, heads * d_h] (the q_proj

@@ -651,6 +651,84 @@ void hybridlm_mamba_step(const void* x, void* out, int act_bf16,
                  dt_bias, A, Dp, conv_state, state_bf16, ssm, b, 1, nullptr, nullptr, d, d_in, n, r, k, threads);
 }
 
+// The Mamba-2 mixer (mamba2.py) for one token per row: in_proj -> [z | x B C | dt]; causal conv step + SiLU
+// over x, B and C; dt = softplus(dt + dt_bias) clamped to [dt_lo, dt_hi]; per head i (group i / (h / g)) and
+// channel j: S = exp(dt_i A_i) S + dt_i x_ij B, y_ij = S . C + D_i x_ij; the gated RMSNorm of y * silu(z)
+// over groups of `group` channels (weight norm_w); out_proj. fp32 throughout. conv_w [conv_dim, k];
+// conv_state [b, conv_dim, k-1] (fp32 or bf16); ssm [b, h, p, n] fp32; A [h] = -exp(A_log); D, dt_bias [h].
+void hybridlm_mamba2_step(const void* x, void* out, int act_bf16, const Mat* w_in, const Mat* w_out,
+                          const float* in_bias, const float* out_bias, const float* conv_w, const float* conv_b,
+                          const float* dt_bias, float dt_lo, float dt_hi, const float* A, const float* Dp,
+                          const float* norm_w, int64_t group, float eps, void* conv_state, int state_bf16, float* ssm,
+                          int64_t b, int64_t d, int64_t h, int64_t p, int64_t g, int64_t n, int64_t k, int threads) {
+    const int64_t d_in = h * p, conv_dim = d_in + 2 * g * n, proj = d_in + conv_dim + h;
+    std::vector<float> xf = load_act(x, b * d, act_bf16), zx(b * proj), xc(b * conv_dim), dtv(b * h), y(b * d_in),
+        of(b * d);
+    const bool s16 = state_bf16;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t c0, c1;
+        gemv_share(*w_in, in_bias, xf.data(), zx.data(), proj, b, d, proj);
+#pragma omp barrier
+        // conv step + SiLU over x, B, C (columns d_in .. d_in + conv_dim of the projection)
+        split(conv_dim, t, nt, W, c0, c1);
+        for (int64_t bi = 0; bi < b; ++bi)
+            for (int64_t c = c0; c < c1; ++c) {
+                const float xin = zx[bi * proj + d_in + c];
+                const int64_t s0 = (bi * conv_dim + c) * (k - 1);
+                float acc = (conv_b ? conv_b[c] : 0.0f) + xin * conv_w[c * k + k - 1];
+                for (int64_t j = 0; j < k - 1; ++j) acc += get(conv_state, s0 + j, s16) * conv_w[c * k + j];
+                for (int64_t j = 0; j + 1 < k - 1; ++j) put(conv_state, s0 + j, get(conv_state, s0 + j + 1, s16), s16);
+                if (k > 1) put(conv_state, s0 + k - 2, xin, s16);
+                xc[bi * conv_dim + c] = acc * sigmoidf(acc);
+            }
+#pragma omp single
+        for (int64_t bi = 0; bi < b; ++bi)
+            for (int64_t i = 0; i < h; ++i) {
+                const float v = zx[bi * proj + d_in + conv_dim + i] + dt_bias[i];
+                dtv[bi * h + i] = std::min(dt_hi, std::max(dt_lo, v > 20.0f ? v : std::log1p(std::exp(v))));
+            }
+        // (implicit barrier) the state update and read-out, split by heads
+        split(h, t, nt, 1, c0, c1);
+        for (int64_t bi = 0; bi < b; ++bi)
+            for (int64_t i = c0; i < c1; ++i) {
+                const float dt = dtv[bi * h + i], decay = std::exp(dt * A[i]);
+                const int64_t gi = i / (h / g);
+                const float* Bv = xc.data() + bi * conv_dim + d_in + gi * n;
+                const float* Cv = xc.data() + bi * conv_dim + d_in + g * n + gi * n;
+                for (int64_t j = 0; j < p; ++j) {
+                    const float xv = xc[bi * conv_dim + i * p + j], dx = dt * xv;
+                    float* S = ssm + ((bi * h + i) * p + j) * n;
+                    vf yv = splat(0.0f);
+                    for (int64_t q = 0; q < n; q += W) {
+                        const int w = static_cast<int>(std::min<int64_t>(W, n - q));
+                        const vf sv = load(S + q, w) * decay + load(Bv + q, w) * dx;
+                        store(S + q, sv, w);
+                        yv += sv * load(Cv + q, w);
+                    }
+                    const float z = zx[bi * proj + i * p + j];
+                    y[bi * d_in + i * p + j] = (hsum(yv) + Dp[i] * xv) * (z * sigmoidf(z));
+                }
+            }
+#pragma omp barrier
+        // gated RMSNorm per group of `group` channels (y already holds y * silu(z))
+        split(b * (d_in / group), t, nt, 1, c0, c1);
+        for (int64_t gr = c0; gr < c1; ++gr) {
+            float* u = y.data() + gr * group;
+            float ss = 0.0f;
+            for (int64_t c = 0; c < group; ++c) ss += u[c] * u[c];
+            const float inv = 1.0f / std::sqrt(ss / static_cast<float>(group) + eps);
+            const int64_t c_off = gr * group % d_in;
+            for (int64_t c = 0; c < group; ++c) u[c] = u[c] * inv * norm_w[c_off + c];
+        }
+#pragma omp barrier
+        split(d, t, nt, RB, c0, c1);
+        gemv(*w_out, out_bias, y.data(), of.data(), d, b, d_in, c0, c1);
+        store_cols(out, of.data(), b, d, c0, c1, act_bf16);
+    }
+}
+
 }  // extern "C"
 
 namespace {
