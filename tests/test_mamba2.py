@@ -182,17 +182,50 @@ def test_snapshot_save_load_fork_rollback(tmp_path):
         bad.check(m)
 
 
-def test_whole_step_decode_plan_declines_mamba2_layouts():
+@pytest.mark.parametrize("over", [dict(layout="sSaS"), dict(layout="mSsM", mamba2_n_groups=5, mamba2_d_state=20),
+                                  dict(layout="sSaS", embedding_multiplier=3.0, residual_multiplier=0.5,
+                                       attention_multiplier=0.3, logits_scaling=2.5, mamba2_dt_limit=(0.01, 0.5))])
+def test_whole_step_decode_plan_takes_mamba2_layouts(over, monkeypatch):
+    """Mamba-2 mixers (and Granite's multipliers) in the one-call decode step: greedy decode of a batch gives
+    the same logits and cache states as the layer-by-layer path (fp32); RoPE still declines it, and so does a
+    multi-token chunk of a model with Mamba-2 layers (their speculative rollback re-runs, no trail)."""
     from hybridlm import kernels
+    from hybridlm.generate import decode_step, prefill
     from hybridlm.kernels import decode_cpu
-    m = tiny()
-    cache = m.new_cache(1, 4)
+    m = tiny(**over)
+    assert decode_cpu.jamba_layers(m.config) is None
+    assert kernels.report(m.config)["whole-step decode (this model)"] == "available" or \
+        kernels.report()["backend"] == "ref"
+    prompt = ids(2, 6, seed=1)
+
+    def run():
+        cache = m.new_cache(2, 16)
+        logits = [prefill(m, cache, prompt)]
+        for _ in range(5):
+            logits.append(decode_step(m, cache, logits[-1].argmax(-1)))
+        return torch.stack(logits), cache.tensors()
+
+    calls = []
+    real = decode_cpu.plan_step
+    monkeypatch.setattr(decode_cpu, "plan_step", lambda *a: calls.append(1) or real(*a))
+    fast, cache_fast = run()
+    assert len(calls) == 5
     with torch.no_grad():
-        assert not decode_cpu.plan_applies(m, cache, ids(1, 1), None)
-    assert decode_cpu.jamba_layers(m.config) == "Mamba-2 layers"
-    assert decode_cpu.jamba_layers(preset("tiny")) is None
-    assert "Mamba-2 layers decline" in kernels.report()["decode"] or kernels.report()["backend"] == "ref"
-    assert kernels.report(m.config)["whole-step decode (this model)"].startswith("declined: Mamba-2 layers")
+        assert not decode_cpu.plan_applies(m, m.new_cache(1, 8), ids(1, 3), None)
+    monkeypatch.setattr(decode_cpu, "plan_applies", lambda *a: False)
+    slow, cache_slow = run()
+    assert (fast - slow).abs().max().item() < 1e-4 * max(1.0, slow.abs().max().item())
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+    for k, v in cache_slow.items():
+        assert (cache_fast[k].float() - v.float()).abs().max().item() < 1e-4 * max(1.0, v.float().abs().max().item()), k
+
+
+def test_whole_step_decode_plan_declines_rope():
+    from hybridlm.kernels import decode_cpu
+    m = tiny(**LAYOUTS["groups+rope"])
+    with torch.no_grad():
+        assert not decode_cpu.plan_applies(m, m.new_cache(1, 4), ids(1, 1), None)
+    assert decode_cpu.jamba_layers(m.config) == "RoPE"
 
 
 # ---- config ---------------------------------------------------------------------------------------------

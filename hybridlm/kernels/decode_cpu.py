@@ -251,12 +251,15 @@ def moe_step(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- the whole step in one call -----------------------------------------------------------------------
 # Record fields of csrc/decode.cpp's hybridlm_decode_layers, in its order; attention layers put their
 # fields where the Mamba ones start.
-_HEAD = ("mixer", "ffn", "norm1", "norm2", "norm_bf16")
+_HEAD = ("mixer", "ffn", "norm1", "norm2", "norm_bf16", "consts")
 _MAMBA = ("w_in", "w_x", "w_dt", "w_out", "in_b", "out_b", "conv_w", "conv_b", "dt_ln", "b_ln", "c_ln", "dt_b", "A",
           "D", "conv", "conv_bf16", "ssm", "d_in", "n", "r", "k")
 _ATTN = ("wq", "wk", "wv", "wo", "kc", "vc", "kv_bf16", "h", "h_kv", "s", "dh")
 _FFN = ("f_a", "f_b", "f_c", "f_d", "ff", "e", "topk", "renorm")
-_INDEX = {**{k: i for i, k in enumerate(_HEAD + _MAMBA + _FFN)}, **{k: len(_HEAD) + i for i, k in enumerate(_ATTN)}}
+_MAMBA2 = tuple("m2_" + k for k in ("w_in", "w_out", "in_b", "out_b", "conv_w", "conv_b", "dt_b", "lims", "A", "D",
+                                     "norm_w", "group", "conv", "conv_bf16", "ssm", "h", "p", "g", "n", "k"))
+_INDEX = {**{k: i for i, k in enumerate(_HEAD + _MAMBA + _FFN)}, **{k: len(_HEAD) + i for i, k in enumerate(_ATTN)},
+          **{k: len(_HEAD) + i for i, k in enumerate(_MAMBA2)}}
 _REC = len(_HEAD + _MAMBA + _FFN)
 
 
@@ -272,16 +275,18 @@ def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
     attention without RoPE, no multipliers or shared experts (``jamba_layers``)."""
     w = model.model.embed_tokens.weight
     b, l = input_ids.shape
-    return (mask is None and (b <= MAX_ROWS if l == 1 else b * l <= PLAN_ROWS)
+    cfg = model.config
+    return (mask is None and (b <= MAX_ROWS if l == 1 else
+                              b * l <= PLAN_ROWS and MIXER_SYMBOL["mamba2"] not in cfg.pattern.lower())
             and input_ids.device.type == "cpu" and w.dtype in _DTYPES and jamba_layers(model.config) is None
             and not (torch.is_grad_enabled() and w.requires_grad))
 
 
 def jamba_layers(cfg) -> str | None:
-    """None when every layer is one csrc/decode.cpp's whole-step record describes; else what is not."""
+    """None when every layer is one csrc/decode.cpp's whole-step record describes (Mamba-1, Mamba-2 and full
+    attention without positional encoding as mixers, SwiGLU MLPs or softmax-routed MoE, Granite's
+    multipliers); else what is not."""
     p = cfg.pattern.lower()
-    if MIXER_SYMBOL["mamba2"] in p:
-        return "Mamba-2 layers"
     if cfg.single_sublayer:
         return "layers with a mixer alone or a feed-forward alone"
     if cfg.mlp_hidden_act != "silu":
@@ -294,9 +299,6 @@ def jamba_layers(cfg) -> str | None:
         return "RoPE"
     if cfg.shared_expert_intermediate_size:
         return "shared experts"
-    if (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) != (1, 1, 1) or \
-            cfg.attention_multiplier is not None:
-        return "multipliers"
     return None
 
 
@@ -314,11 +316,28 @@ class DecodePlan:
         self.states: list = []                            # (layer, buffer name, data_ptr) of the cache
         cfg = model.config
         recs = torch.zeros(cfg.num_hidden_layers, _REC, dtype=torch.int64)
+        # the residual multiplier and the attention score scale (0: 1/sqrt(d_h)), read by every record
+        consts = torch.tensor([cfg.residual_multiplier, cfg.attention_multiplier or 0.0], dtype=torch.float32)
+        self.keep.append(consts)
         for i, layer in enumerate(model.model.layers):
             rec = {"norm1": self._p(layer.input_layernorm, "weight"), "norm2": self._p(layer.pre_ff_layernorm, "weight"),
-                   "norm_bf16": _is16(layer.input_layernorm.weight)}
+                   "norm_bf16": _is16(layer.input_layernorm.weight), "consts": consts.data_ptr()}
             state = cache.kernel_view()[0][i]
-            if layer.kind == "mamba":
+            if layer.kind == "mamba2":
+                m = layer.mamba
+                small = [None if t is None else t.detach().float().contiguous()
+                         for t in _mamba2_small(*_mamba2_sources(m))]
+                lims = torch.tensor(m.dt_limit, dtype=torch.float32)
+                self.keep += small + [lims]
+                for mod in m.modules():
+                    for name in mod._parameters:
+                        self._p(mod, name)
+                rec.update(mixer=2, m2_w_in=self._m(m.in_proj), m2_w_out=self._m(m.out_proj), m2_lims=lims.data_ptr(),
+                           m2_group=m.norm.group, m2_conv=self._state(i, state, "conv"), m2_conv_bf16=_is16(state.conv),
+                           m2_ssm=self._state(i, state, "ssm"), m2_h=m.h, m2_p=m.p, m2_g=m.g, m2_n=m.n, m2_k=m.k,
+                           **{"m2_" + k: ptr(t) or 0 for k, t in zip(("in_b", "out_b", "conv_w", "conv_b", "dt_b", "A",
+                                                                      "D", "norm_w"), small)})
+            elif layer.kind == "mamba":
                 m = layer.mamba
                 small = [None if t is None else t.detach().float().contiguous()
                          for t in _mamba_small(*_mamba_sources(m))]
@@ -425,7 +444,11 @@ def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
     table, pending = _trails(layers, b, l)
     cache.advance(l)
     emb = model.model.embed_tokens
-    x = emb(input_ids).reshape(b * l, -1).float().contiguous()                       # [b * l, d] fp32 residual
+    x = emb(input_ids).reshape(b * l, -1).float()                                     # [b * l, d] fp32 residual
+    cfg = model.config
+    if cfg.embedding_multiplier != 1:
+        x = x * cfg.embedding_multiplier
+    x = x.contiguous()
     d = x.shape[1]
     final = model.model.final_layernorm
     build.load().hybridlm_decode_layers(ptr(plan.recs), plan.recs.shape[0], ptr(x), ptr(valid),
@@ -434,4 +457,7 @@ def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
     for trail, ssm in pending:
         trail.last = ssm.clone()
     h = rmsnorm_cpu(final, x)
-    return linear_step(h, model.lm_head).to(emb.weight.dtype).view(b, l, -1)
+    logits = linear_step(h, model.lm_head)
+    if cfg.logits_scaling != 1:
+        logits = logits / cfg.logits_scaling
+    return logits.to(emb.weight.dtype).view(b, l, -1)

@@ -175,7 +175,7 @@ inline const bf16* bf16_rows(const float* x, int64_t nb, int64_t k, std::vector<
 // (the 16-lane vector types above compile to stack round trips on AVX2, ~2x slower from memory)
 template <int NB>
 inline void row_dot_bf16_avx2(const bf16* wr, const float* x, int64_t k, float* s) {
-    constexpr int CH = NB >= 4 ? 1 : 4 / NB;
+    constexpr int CH = NB >= 8 ? 1 : 8 / NB;   // 8 accumulator chains
     __m256 acc[NB][CH];
     for (int j = 0; j < NB; ++j)
         for (int q = 0; q < CH; ++q) acc[j][q] = _mm256_setzero_ps();
@@ -987,12 +987,16 @@ void hybridlm_attn_step(const void* q, void* out, int act_bf16, const void* kc, 
 // as integers; weights as pointers to their Mat), filled by kernels/decode_cpu.py's DecodePlan; `pos`
 // is the cache slot of this token.
 enum Rec : int64_t {
-    R_MIXER, R_FFN, R_NORM1, R_NORM2, R_NORM_BF16,
+    // R_CONSTS: a pointer to two floats, the residual multiplier and the attention score scale (0: 1/sqrt(dh))
+    R_MIXER, R_FFN, R_NORM1, R_NORM2, R_NORM_BF16, R_CONSTS,
     // Mamba (R_MIXER == 0)
     R_W_IN, R_W_X, R_W_DT, R_W_OUT, R_IN_B, R_OUT_B, R_CONV_W, R_CONV_B, R_DT_LN, R_B_LN, R_C_LN, R_DT_B, R_A, R_D,
     R_CONV, R_CONV_BF16, R_SSM, R_D_IN, R_N, R_R, R_K,
     // attention (R_MIXER == 1) reuses the Mamba slots from R_W_IN on
     R_WQ = R_W_IN, R_WK, R_WV, R_WO, R_KC, R_VC, R_KV_BF16, R_H, R_H_KV, R_S, R_DH,
+    // Mamba-2 (R_MIXER == 2) too; R2_LIMS points to two floats, dt's clamp [lo, hi]
+    R2_W_IN = R_W_IN, R2_W_OUT, R2_IN_B, R2_OUT_B, R2_CONV_W, R2_CONV_B, R2_DT_B, R2_LIMS, R2_A, R2_D, R2_NORM_W,
+    R2_GROUP, R2_CONV, R2_CONV_BF16, R2_SSM, R2_H, R2_P, R2_G, R2_N, R2_K,
     // feed-forward: MLP (R_FFN == 0) or MoE (R_FFN == 1)
     R_F_A = R_K + 1, R_F_B, R_F_C, R_F_D, R_FF, R_E, R_TOPK, R_RENORM,
     REC
@@ -1015,8 +1019,18 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
         const int64_t* r = recs + li * REC;
         const int nb = static_cast<int>(r[R_NORM_BF16]);
         auto M = [&](Rec f) { return reinterpret_cast<const Mat*>(r[f]); };
+        const float* consts = static_cast<const float*>(P(r[R_CONSTS]));
+        const float rm = consts[0];
         hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM1]), nb, eps, rows, d, 1);
-        if (r[R_MIXER] == 0) {
+        if (r[R_MIXER] == 2) {    // Mamba-2: one token per row (the Python side sends no verify chunks)
+            const float* lims = static_cast<const float*>(P(r[R2_LIMS]));
+            hybridlm_mamba2_step(h.data(), o.data(), 0, M(R2_W_IN), M(R2_W_OUT), (const float*)P(r[R2_IN_B]),
+                                 (const float*)P(r[R2_OUT_B]), (const float*)P(r[R2_CONV_W]), (const float*)P(r[R2_CONV_B]),
+                                 (const float*)P(r[R2_DT_B]), lims[0], lims[1], (const float*)P(r[R2_A]),
+                                 (const float*)P(r[R2_D]), (const float*)P(r[R2_NORM_W]), r[R2_GROUP], eps,
+                                 P(r[R2_CONV]), static_cast<int>(r[R2_CONV_BF16]), (float*)P(r[R2_SSM]), rows, d,
+                                 r[R2_H], r[R2_P], r[R2_G], r[R2_N], r[R2_K], threads);
+        } else if (r[R_MIXER] == 0) {
             mamba_tokens(h.data(), o.data(), 0, M(R_W_IN), M(R_W_X), M(R_W_DT), M(R_W_OUT),
                          (const float*)P(r[R_IN_B]), (const float*)P(r[R_OUT_B]), (const float*)P(r[R_CONV_W]),
                          (const float*)P(r[R_CONV_B]), (const float*)P(r[R_DT_LN]), (const float*)P(r[R_B_LN]),
@@ -1027,6 +1041,7 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
         } else {
             const int64_t nh = r[R_H], nkv = r[R_H_KV], S = r[R_S], dh = r[R_DH];
             const bool c16 = r[R_KV_BF16];
+            const float scale = consts[1] != 0.0f ? consts[1] : 1.0f / std::sqrt(static_cast<float>(dh));
             q.resize(rows * nh * dh);
             kv.resize(rows * nkv * dh);
             att.resize(rows * nh * dh);
@@ -1042,7 +1057,7 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
             }
             if (tokens == 1) {
                 hybridlm_attn_step(q.data(), att.data(), 0, P(r[R_KC]), P(r[R_VC]), c16, valid, valid_stride, b, nh,
-                                   nkv, S, pos + 1, dh, 1.0f / std::sqrt(static_cast<float>(dh)), threads);
+                                   nkv, S, pos + 1, dh, scale, threads);
             } else {   // token j of every row sees the slots up to its own: one call per token position
                 const int64_t w = nh * dh;
                 qt.resize(b * w);
@@ -1051,14 +1066,14 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
                     for (int64_t bi = 0; bi < b; ++bi)
                         std::copy(q.data() + (bi * tokens + j) * w, q.data() + (bi * tokens + j + 1) * w, qt.data() + bi * w);
                     hybridlm_attn_step(qt.data(), at.data(), 0, P(r[R_KC]), P(r[R_VC]), c16, valid, valid_stride, b,
-                                       nh, nkv, S, pos + j + 1, dh, 1.0f / std::sqrt(static_cast<float>(dh)), threads);
+                                       nh, nkv, S, pos + j + 1, dh, scale, threads);
                     for (int64_t bi = 0; bi < b; ++bi)
                         std::copy(at.data() + bi * w, at.data() + (bi + 1) * w, att.data() + (bi * tokens + j) * w);
                 }
             }
             hybridlm_linear_step(att.data(), 0, M(R_WO), nullptr, o.data(), rows, nh * dh, d, threads);
         }
-        for (int64_t i = 0; i < rows * d; ++i) x[i] += o[i];
+        for (int64_t i = 0; i < rows * d; ++i) x[i] += rm * o[i];
         hybridlm_rmsnorm(x, h.data(), 0, P(r[R_NORM2]), nb, eps, rows, d, 1);
         if (r[R_FFN] == 0) {
             hybridlm_mlp_step(h.data(), o.data(), 0, M(R_F_A), M(R_F_B), M(R_F_C), rows, d, r[R_FF], threads);
@@ -1068,7 +1083,7 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
                               (const Mat* const*)P(r[R_F_C]), (const Mat* const*)P(r[R_F_D]), logits.data(), rows, d,
                               r[R_FF], r[R_E], r[R_TOPK], static_cast<int>(r[R_RENORM]), threads);
         }
-        for (int64_t i = 0; i < rows * d; ++i) x[i] += o[i];
+        for (int64_t i = 0; i < rows * d; ++i) x[i] += rm * o[i];
     }
 }
 
