@@ -184,9 +184,10 @@ def test_snapshot_save_load_fork_rollback(tmp_path):
 
 @pytest.mark.parametrize("over", [dict(layout="sSaS"), dict(layout="mSsM", mamba2_n_groups=5, mamba2_d_state=20),
                                   dict(layout="sSaS", embedding_multiplier=3.0, residual_multiplier=0.5,
-                                       attention_multiplier=0.3, logits_scaling=2.5, mamba2_dt_limit=(0.01, 0.5))])
+                                       attention_multiplier=0.3, logits_scaling=2.5, mamba2_dt_limit=(0.01, 0.5),
+                                       shared_expert_intermediate_size=24)])
 def test_whole_step_decode_plan_takes_mamba2_layouts(over, monkeypatch):
-    """Mamba-2 mixers (and Granite's multipliers) in the one-call decode step: greedy decode of a batch gives
+    """Mamba-2 mixers (and Granite's multipliers and shared expert) in the one-call decode step: greedy decode of a batch gives
     the same logits and cache states as the layer-by-layer path (fp32); RoPE still declines it, and so does a
     multi-token chunk of a model with Mamba-2 layers (their speculative rollback re-runs, no trail)."""
     from hybridlm import kernels

@@ -255,7 +255,7 @@ _HEAD = ("mixer", "ffn", "norm1", "norm2", "norm_bf16", "consts")
 _MAMBA = ("w_in", "w_x", "w_dt", "w_out", "in_b", "out_b", "conv_w", "conv_b", "dt_ln", "b_ln", "c_ln", "dt_b", "A",
           "D", "conv", "conv_bf16", "ssm", "d_in", "n", "r", "k")
 _ATTN = ("wq", "wk", "wv", "wo", "kc", "vc", "kv_bf16", "h", "h_kv", "s", "dh")
-_FFN = ("f_a", "f_b", "f_c", "f_d", "ff", "e", "topk", "renorm")
+_FFN = ("f_a", "f_b", "f_c", "f_d", "ff", "e", "topk", "renorm", "sh_a", "sh_b", "sh_c", "sh_ff")
 _MAMBA2 = tuple("m2_" + k for k in ("w_in", "w_out", "in_b", "out_b", "conv_w", "conv_b", "dt_b", "lims", "A", "D",
                                      "norm_w", "group", "conv", "conv_bf16", "ssm", "h", "p", "g", "n", "k"))
 _INDEX = {**{k: i for i, k in enumerate(_HEAD + _MAMBA + _FFN)}, **{k: len(_HEAD) + i for i, k in enumerate(_ATTN)},
@@ -271,8 +271,8 @@ PLAN_ROWS = 8
 
 def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
     """Whether ``DecodePlan`` can run this forward: rows x tokens <= PLAN_ROWS (one token per row: at most
-    MAX_ROWS rows), no mask, no gradient, CPU, fp32/bf16, and only Jamba's layers: Mamba-1 mixers, full
-    attention without RoPE, no multipliers or shared experts (``jamba_layers``)."""
+    MAX_ROWS rows; a multi-token chunk only without Mamba-2 layers), no mask, no gradient, CPU, fp32/bf16, and
+    only layers the records describe (``jamba_layers``)."""
     w = model.model.embed_tokens.weight
     b, l = input_ids.shape
     cfg = model.config
@@ -284,8 +284,8 @@ def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
 
 def jamba_layers(cfg) -> str | None:
     """None when every layer is one csrc/decode.cpp's whole-step record describes (Mamba-1, Mamba-2 and full
-    attention without positional encoding as mixers, SwiGLU MLPs or softmax-routed MoE, Granite's
-    multipliers); else what is not."""
+    attention without positional encoding as mixers, SwiGLU MLPs or softmax-routed MoE with or without a
+    shared expert, Granite's multipliers); else what is not."""
     p = cfg.pattern.lower()
     if cfg.single_sublayer:
         return "layers with a mixer alone or a feed-forward alone"
@@ -297,8 +297,6 @@ def jamba_layers(cfg) -> str | None:
         return "local attention"
     if cfg.rope_theta is not None:
         return "RoPE"
-    if cfg.shared_expert_intermediate_size:
-        return "shared experts"
     return None
 
 
@@ -369,6 +367,10 @@ class DecodePlan:
             else:
                 rec.update(ffn=0, f_a=self._m(ff.gate_proj), f_b=self._m(ff.up_proj), f_c=self._m(ff.down_proj),
                            ff=ff.gate_proj.out_features)
+            sh = layer.shared_mlp
+            if sh is not None:
+                rec.update(sh_a=self._m(sh.gate_proj), sh_b=self._m(sh.up_proj), sh_c=self._m(sh.down_proj),
+                           sh_ff=sh.gate_proj.out_features)
             for k, v in rec.items():
                 recs[i, _INDEX[k]] = v
         self.recs = recs

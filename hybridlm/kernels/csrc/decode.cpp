@@ -999,6 +999,8 @@ enum Rec : int64_t {
     R2_GROUP, R2_CONV, R2_CONV_BF16, R2_SSM, R2_H, R2_P, R2_G, R2_N, R2_K,
     // feed-forward: MLP (R_FFN == 0) or MoE (R_FFN == 1)
     R_F_A = R_K + 1, R_F_B, R_F_C, R_F_D, R_FF, R_E, R_TOPK, R_RENORM,
+    // a shared expert (Granite 4.0-H, Nemotron-H) beside the MoE: gate, up, down, width (0: none)
+    R_SH_A, R_SH_B, R_SH_C, R_SH_FF,
     REC
 };
 
@@ -1013,7 +1015,7 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
     // zero for attention layers) that the Mamba layers fill.
     const int64_t rows = b * tokens;
     std::vector<float> h(rows * d), o(rows * d);
-    std::vector<float> q, kv, att, logits, qt, at;
+    std::vector<float> q, kv, att, logits, qt, at, sh;
     auto P = [](int64_t v) { return reinterpret_cast<void*>(v); };
     for (int64_t li = 0; li < layers; ++li) {
         const int64_t* r = recs + li * REC;
@@ -1082,6 +1084,11 @@ void hybridlm_decode_layers(const int64_t* recs, int64_t layers, float* x, const
             hybridlm_moe_step(h.data(), o.data(), 0, M(R_F_A), (const Mat* const*)P(r[R_F_B]),
                               (const Mat* const*)P(r[R_F_C]), (const Mat* const*)P(r[R_F_D]), logits.data(), rows, d,
                               r[R_FF], r[R_E], r[R_TOPK], static_cast<int>(r[R_RENORM]), threads);
+        }
+        if (r[R_SH_FF]) {           // the shared expert reads the same normed input; its output adds to the MoE's
+            sh.resize(rows * d);
+            hybridlm_mlp_step(h.data(), sh.data(), 0, M(R_SH_A), M(R_SH_B), M(R_SH_C), rows, d, r[R_SH_FF], threads);
+            for (int64_t i = 0; i < rows * d; ++i) o[i] += sh[i];
         }
         for (int64_t i = 0; i < rows * d; ++i) x[i] += rm * o[i];
     }
