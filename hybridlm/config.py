@@ -588,6 +588,20 @@ PRESETS: dict[str, dict] = {
                                mamba2_n_groups=1, mamba2_d_state=128, mamba_d_conv=4, mamba2_chunk_size=256,
                                mamba_conv_bias=True, mamba_proj_bias=False, tie_word_embeddings=True,
                                max_position_embeddings=131072),
+    # dimensions of IBM's Bamba-9B (no weights here): transformers 5.24's BambaConfig defaults, which its
+    # docstring ties to the ibm-fms/Bamba-9.8b-2.2T-hf checkpoint (hidden 4096, MLP 14336, 32 layers, 32
+    # query heads on 8 key/value heads, Mamba-2 with 128 heads of 2 * 4096 / 128 = 64 channels, 1 group,
+    # state 256, conv 4, chunk 256, conv bias, no projection bias, rms_norm_eps 1e-5, vocabulary 128000,
+    # untied, 262144 positions, RoPE on half of each head with theta 10000 (BambaConfig hard-codes
+    # partial_rotary_factor 0.5)), with attention at layers 9, 18 and 27 (issue 15; BambaConfig's default
+    # attn_layer_indices is empty).
+    "bamba-9b": dict(vocab_size=128000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     layout="sssssssssa + (ssssssssa)*2 + ssss", num_attention_heads=32, num_key_value_heads=8,
+                     num_experts=1, num_experts_per_tok=1, mamba2_n_heads=128, mamba2_head_dim=64,
+                     mamba2_n_groups=1, mamba2_d_state=256, mamba_d_conv=4, mamba2_chunk_size=256,
+                     mamba_conv_bias=True, mamba_proj_bias=False, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                     max_position_embeddings=262144, rope_theta=10000.0, partial_rotary_factor=0.5,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, family="bamba"),
     # dimensions of NVIDIA's Nemotron-H-8B-Base-8K (no weights here), as NVIDIA's Megatron-Bridge quotes its
     # config.json (NVIDIA-NeMo/Megatron-Bridge, tests/unit_tests/models/nemotronh/test_nemotron_h_bridge.py,
     # fixture nemotronh_8b_config_dict): hybrid_override_pattern "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-

@@ -437,3 +437,13 @@ def test_quantized_mamba2_model_runs_and_a_quantized_granite_save_is_refused(tmp
 def test_malformed_family_configs_are_one_line_value_errors(fields, words):
     with pytest.raises(ValueError, match=words):
         HybridConfig.from_dict({"model_type": "bamba", **fields})
+
+
+def test_bamba_9b_preset_is_transformers_bamba_config():
+    """The bamba-9b preset is transformers' BambaConfig (whose defaults are documented as Bamba-9.8B's shape)
+    with attention at layers 9, 18 and 27: read back from its dict it is the same config, and 9.8B parameters."""
+    from transformers import BambaConfig
+    cfg = preset("bamba-9b")
+    assert HybridConfig.from_dict(BambaConfig(attn_layer_indices=[9, 18, 27]).to_dict()) == cfg
+    assert [i for i in range(32) if cfg.mixer(i) == "attention"] == [9, 18, 27]
+    assert 9.7e9 < cfg.num_params() < 9.9e9                    # "Bamba-9.8b"
