@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Mamba2State
-from .kernels import Linear, causal_conv1d, decode_kernels, mamba2_step
+from .kernels import Linear, causal_conv1d, decode_kernels, gemm_dtype, mamba2_step
 from .norm import RMSNorm
 
 # elements of one [b, chunks, h, Q, Q] block of the intra-chunk product: bounds prefill memory (a 256K-token
@@ -73,14 +73,19 @@ def ssd_step(x, dt, A, B, C, S):
     return (S @ Ch[..., None])[..., 0]                                    # S C: [b, h, p]
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, S0=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, S0=None, mm_dtype: torch.dtype = torch.float32):
     """The chunked SSD scan (Dao & Gu 2024, sec. 6, "SSD algorithm"); same contract as ``ssd_scan_ref``.
 
     Within a chunk, y = (L o C B^T) (dt x) with L[i, j] = exp(sum_{j<t<=i} dt_t A) the causal decay mask (the
     quadratic, attention-like form: matrix products); each chunk also leaves a state, and these are chained
     across chunks in fp32 (the recurrence at chunk granularity), then read by C at every position of the
-    next chunk. All in fp32; autograd differentiates it. Memory is bounded: at most ``_BLOCK_ELEMS``
-    elements of Q x Q masks exist at once (chunks are taken a block at a time)."""
+    next chunk. fp32 throughout, except that the four matrix products take ``mm_dtype`` inputs (bf16 for a
+    bf16 model where bf16 GEMMs are fast: ``kernels.gemm_dtype``) and return fp32; the decays, the masks
+    and the chunk-to-chunk states stay fp32. Autograd differentiates it. Memory is bounded: at most
+    ``_BLOCK_ELEMS`` elements of Q x Q masks exist at once (chunks are taken a block at a time)."""
+    def mm(a, b):
+        return a @ b if mm_dtype == torch.float32 else (a.to(mm_dtype) @ b.to(mm_dtype)).float()
+
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     Q = max(1, min(chunk_size, l))
@@ -104,11 +109,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, S0=None):
         xs, dts, Bs, Cs, cum = x[:, sl], dt[:, sl], B[:, sl], C[:, sl], a[:, sl].cumsum(-1)   # cum: [b, c, g, r, Q]
         # 1. inside each chunk: L[i, j] = exp(cum_i - cum_j) for j <= i (masked before exp: no overflow)
         seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
-        M = (Cs @ Bs.transpose(-1, -2)) * torch.exp(seg) * dts[..., None, :]      # [b, c, g, r, Q, Q]
-        y = M @ xs                                                                  # [b, c, g, r, Q, p]
+        M = mm(Cs, Bs.transpose(-1, -2)) * torch.exp(seg) * dts[..., None, :]     # [b, c, g, r, Q, Q]
+        y = mm(M, xs)                                                               # [b, c, g, r, Q, p]
         # 2. the state each chunk leaves from its own tokens: sum_j exp(cum_end - cum_j) dt_j x_j B_j^T
         w = torch.exp(cum[..., -1:] - cum) * dts                                   # [b, c, g, r, Q]
-        own = (xs * w[..., None]).transpose(-1, -2) @ Bs                           # [b, c, g, r, p, n]
+        own = mm((xs * w[..., None]).transpose(-1, -2), Bs)                        # [b, c, g, r, p, n]
         # 3. chain the chunk states (fp32, sequential over chunks): the state entering each chunk
         total = torch.exp(cum[..., -1])                                            # [b, c, g, r] decay over a chunk
         entering = []
@@ -117,7 +122,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, S0=None):
             S = total[:, c, :, :, None, None] * S + own[:, c]
         Sin = torch.stack(entering, dim=1)                                         # [b, c, g, r, p, n]
         # 4. what the entering state contributes at each position: exp(cum_i) C_i S
-        y = y + torch.exp(cum)[..., None] * (Cs @ Sin.transpose(-1, -2))           # [b, c, g, r, Q, p]
+        y = y + torch.exp(cum)[..., None] * mm(Cs, Sin.transpose(-1, -2))          # [b, c, g, r, Q, p]
         ys.append(y)
     y = torch.cat(ys, dim=1).permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, h, p)[:, :l]
     return y, S.reshape(b, h, p, n)
@@ -190,7 +195,7 @@ class Mamba2Mixer(nn.Module):
         else:
             S0 = state.ssm if state is not None else None
             y, S = scan(xs, dt, A, B, C, S0) if scan is not None else \
-                ssd_chunked(xs, dt, A, B, C, self.chunk_size, S0)                        # [b, l, h, p], [b, h, p, n]
+                ssd_chunked(xs, dt, A, B, C, self.chunk_size, S0, gemm_dtype(x))         # [b, l, h, p], [b, h, p, n]
             if state is not None:
                 state.ssm.copy_(S)
         y = y + xs.float() * self.D.float()[:, None]                                      # D skip

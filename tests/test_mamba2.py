@@ -40,6 +40,40 @@ def test_chunked_scan_matches_reference(chunk, shape):
     assert (y0 - ssd_scan_ref(x, dt, A, B, C)[0]).abs().max().item() < 2e-5
 
 
+@pytest.mark.parametrize("chunk", [4, 29])
+def test_chunked_scan_with_bf16_products_stays_within_bf16_rounding(chunk):
+    """mm_dtype=bf16 (a bf16 model where bf16 GEMMs are fast): the four products take bf16 inputs, the rest
+    stays fp32, so the result is within bf16 rounding of the reference, and it really is not the fp32 one;
+    gradients flow through it."""
+    x, dt, A, B, C, S0 = scan_inputs()
+    y_ref, S_ref = ssd_scan_ref(x, dt, A, B, C, S0)
+    y32, _ = ssd_chunked(x, dt, A, B, C, chunk, S0)
+    x.requires_grad_(True)
+    y, S = ssd_chunked(x, dt, A, B, C, chunk, S0, mm_dtype=torch.bfloat16)
+    assert y.dtype == S.dtype == torch.float32
+    scale = y_ref.abs().max().item()
+    assert (y - y_ref).abs().max().item() < 2e-2 * scale and (S - S_ref).abs().max().item() < 2e-2 * S_ref.abs().max()
+    assert (y - y32).abs().max().item() > 1e-5 * scale
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_the_mixer_picks_bf16_products_only_where_bf16_gemms_are_fast(monkeypatch):
+    from hybridlm import kernels, mamba2
+    m = tiny(layout="s").to(torch.bfloat16)
+    seen = []
+    real = mamba2.ssd_chunked
+    monkeypatch.setattr(mamba2, "ssd_chunked", lambda *a: seen.append(a[-1]) or real(*a))
+    for fast, want in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(kernels, "_FAST_BF16", fast)
+        with torch.no_grad():
+            m(ids(1, 9))
+        assert seen[-1] == want
+    with torch.no_grad():
+        m.float()(ids(1, 9))
+    assert seen[-1] == torch.float32
+
+
 def test_chunked_scan_bounds_its_block_memory(monkeypatch):
     """Chunks taken a few at a time (the state passed between blocks) give the same result."""
     import hybridlm.mamba2 as m2
