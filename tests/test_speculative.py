@@ -82,6 +82,26 @@ def test_greedy_speculative_equals_plain_greedy(name, kind, rollback):
     assert st.reruns == (0 if copies else st.rollbacks)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4:g32"])
+@pytest.mark.parametrize("k", [3, 7])
+def test_greedy_speculative_on_quantized_layers_equals_plain_greedy(scheme, k):
+    """Quantized weights (quant.py): the verify chunks (k + 1 <= 8 tokens: the whole-step C++ call, with the
+    Mamba trails recorded there) keep the output of plain greedy decoding, token for token."""
+    from hybridlm.kernels import decode_cpu
+    from hybridlm.quant import quantize_model
+    m = quantize_model(tiny(**LAYOUTS["jamba"]), scheme)
+    prompts = [repetitive(13, seed=1)]
+    plain = run(m, prompts, 30)
+    spec = Speculative("lookup", k=k)
+    calls = []
+    real = decode_cpu.plan_step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_cpu, "plan_step", lambda *a: calls.append(a[2].shape[1]) or real(*a))
+        out = run(m, prompts, 30, spec)
+    assert out.tolist() == plain.tolist()
+    assert spec.stats.accepted > 0 and spec.stats.reruns == 0 and k + 1 in calls
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("kind", ["lookup", "draft"])
 def test_padded_batch_speculative_equals_each_prompt_alone(name, kind):
