@@ -24,16 +24,144 @@
 // per block) and walks it in reverse, so memory is O(l/K) states rather than O(l).
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "simd.h"
 
 namespace {
 
 using namespace hybridlm;
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// simd.h's vexp for 8 lanes in AVX2 registers. The scan's inner loop over the state size runs on these:
+// through the 16-lane vector type (two AVX2 registers per value) the compiler kept the n state vectors'
+// halves and vexp's temporaries on the stack.
+inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33f), hi = _mm256_set1_ps(88.3f), round = _mm256_set1_ps(12582912.0f);
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504f), round), round);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145752f), xc);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.98412698e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.38888889e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+// the state recurrence over i < n for the W = 16 channels of a block, as two 8-lane halves:
+//     h[i] = exp(dl * A[i]) * h[i] + du * B[i];  y += h[i] * C[i]
+inline vf state_step(vf* h, const vf* At, vf dl, vf du, const float* Bt, const float* Ct, vf y, int64_t n) {
+    static_assert(W == 16, "two AVX2 halves per vector");
+    __m256 dl2[2], du2[2], y2[2];
+    std::memcpy(dl2, &dl, sizeof(dl));
+    std::memcpy(du2, &du, sizeof(du));
+    std::memcpy(y2, &y, sizeof(y));
+    __m256* hh = reinterpret_cast<__m256*>(h);
+    const __m256* aa = reinterpret_cast<const __m256*>(At);
+    for (int64_t i = 0; i < n; ++i) {
+        const __m256 b = _mm256_set1_ps(Bt[i]), c = _mm256_set1_ps(Ct[i]);
+        for (int q = 0; q < 2; ++q) {
+            const __m256 hv = _mm256_fmadd_ps(exp8(_mm256_mul_ps(dl2[q], aa[2 * i + q])), hh[2 * i + q],
+                                              _mm256_mul_ps(du2[q], b));
+            hh[2 * i + q] = hv;
+            y2[q] = _mm256_fmadd_ps(hv, c, y2[q]);
+        }
+    }
+    std::memcpy(&y, y2, sizeof(y));
+    return y;
+}
+
+// the backward's recompute of one step: at[i] = exp(dl * A[i]), hn[i] = at[i] * hp[i] + du * B[i]
+inline void recompute_step(vf* at, vf* hn, const vf* hp, const vf* Ak, vf dl, vf du, const float* Bt, int64_t n) {
+    __m256 dl2[2], du2[2];
+    std::memcpy(dl2, &dl, sizeof(dl));
+    std::memcpy(du2, &du, sizeof(du));
+    __m256 *a = reinterpret_cast<__m256*>(at), *hh = reinterpret_cast<__m256*>(hn);
+    const __m256 *hq = reinterpret_cast<const __m256*>(hp), *ak = reinterpret_cast<const __m256*>(Ak);
+    for (int64_t i = 0; i < n; ++i) {
+        const __m256 b = _mm256_set1_ps(Bt[i]);
+        for (int q = 0; q < 2; ++q) {
+            const __m256 e = exp8(_mm256_mul_ps(dl2[q], ak[2 * i + q]));
+            a[2 * i + q] = e;
+            hh[2 * i + q] = _mm256_fmadd_ps(e, hq[2 * i + q], _mm256_mul_ps(du2[q], b));
+        }
+    }
+}
+
+// the backward's reverse step over i < n (see hybridlm_scan_bwd); gdu and gdd accumulate
+inline void reverse_step(vf* ghk, vf* gAk, vf* sb, vf* sc, const vf* at, const vf* hp, const vf* hn, const vf* Ak,
+                         vf dl, vf du, vf gyv, const float* Bt, const float* Ct, vf& gdu, vf& gdd, int64_t n) {
+    __m256 dl2[2], du2[2], gy2[2], gu2[2], gd2[2];
+    std::memcpy(dl2, &dl, sizeof(dl));
+    std::memcpy(du2, &du, sizeof(du));
+    std::memcpy(gy2, &gyv, sizeof(gyv));
+    std::memcpy(gu2, &gdu, sizeof(gdu));
+    std::memcpy(gd2, &gdd, sizeof(gdd));
+    __m256 *gh = reinterpret_cast<__m256*>(ghk), *ga = reinterpret_cast<__m256*>(gAk);
+    __m256 *b2 = reinterpret_cast<__m256*>(sb), *c2 = reinterpret_cast<__m256*>(sc);
+    const __m256 *a = reinterpret_cast<const __m256*>(at), *hq = reinterpret_cast<const __m256*>(hp);
+    const __m256 *hx = reinterpret_cast<const __m256*>(hn), *ak = reinterpret_cast<const __m256*>(Ak);
+    for (int64_t i = 0; i < n; ++i) {
+        const __m256 bt = _mm256_set1_ps(Bt[i]), ct = _mm256_set1_ps(Ct[i]);
+        for (int q = 0; q < 2; ++q) {
+            const int64_t j = 2 * i + q;
+            const __m256 g = _mm256_fmadd_ps(gy2[q], ct, gh[j]);                  // dL/dh_t
+            const __m256 gda = _mm256_mul_ps(_mm256_mul_ps(g, a[j]), hq[j]);      // dL/d(delta * A)
+            c2[j] = _mm256_fmadd_ps(gy2[q], hx[j], c2[j]);
+            b2[j] = _mm256_fmadd_ps(g, du2[q], b2[j]);
+            gu2[q] = _mm256_fmadd_ps(g, bt, gu2[q]);
+            ga[j] = _mm256_fmadd_ps(gda, dl2[q], ga[j]);
+            gd2[q] = _mm256_fmadd_ps(gda, ak[j], gd2[q]);
+            gh[j] = _mm256_mul_ps(g, a[j]);
+        }
+    }
+    std::memcpy(&gdu, gu2, sizeof(gdu));
+    std::memcpy(&gdd, gd2, sizeof(gdd));
+}
+#else
+inline vf state_step(vf* h, const vf* At, vf dl, vf du, const float* Bt, const float* Ct, vf y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const vf hv = vexp(dl * At[i]) * h[i] + du * Bt[i];
+        h[i] = hv;
+        y += hv * Ct[i];
+    }
+    return y;
+}
+
+inline void recompute_step(vf* at, vf* hn, const vf* hp, const vf* Ak, vf dl, vf du, const float* Bt, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        at[i] = vexp(dl * Ak[i]);
+        hn[i] = at[i] * hp[i] + du * Bt[i];
+    }
+}
+
+inline void reverse_step(vf* ghk, vf* gAk, vf* sb, vf* sc, const vf* at, const vf* hp, const vf* hn, const vf* Ak,
+                         vf dl, vf du, vf gyv, const float* Bt, const float* Ct, vf& gdu, vf& gdd, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const vf g = ghk[i] + gyv * Ct[i];     // dL/dh_t
+        const vf gda = g * at[i] * hp[i];      // dL/d(delta * A)
+        sc[i] += gyv * hn[i];
+        sb[i] += g * du;
+        gdu += g * Bt[i];
+        gAk[i] += gda * dl;
+        gdd += gda * Ak[i];
+        ghk[i] = g * at[i];
+    }
+}
+#endif
 
 // [d, n] rows of channels d0..d0+w -> n vectors of W channels (the layout the loops use)
 inline void gather_state(vf* dst, const float* src, int w, int64_t n) {
@@ -93,12 +221,7 @@ void scan_fwd(const T* u, const T* delta, const float* A, const T* B, const T* C
                     Bt = bc.data();
                     Ct = bc.data() + n;
                 }
-                vf yacc = Dv * ul;
-                for (int64_t i = 0; i < n; ++i) {
-                    const vf hv = vexp(dl * At[i]) * h[i] + du * Bt[i];
-                    h[i] = hv;
-                    yacc += hv * Ct[i];
-                }
+                vf yacc = state_step(h.data(), At.data(), dl, du, Bt, Ct, Dv * ul, n);
                 if (z) {
                     const vf zv = load(z + (bi * l + t) * ldz + d0, w);
                     yacc *= zv * sigmoid(zv);
@@ -184,10 +307,7 @@ void hybridlm_scan_bwd(const float* u, const float* delta, const float* A, const
                             vf* hn = &hs[(t - t0 + 1) * gn + k * n];
                             vf* at = &as[(t - t0) * gn + k * n];
                             const vf* Ak = &At[k * n];
-                            for (int64_t i = 0; i < n; ++i) {
-                                at[i] = vexp(dl * Ak[i]);
-                                hn[i] = at[i] * hp[i] + du * Bt[i];
-                            }
+                            recompute_step(at, hn, hp, Ak, dl, du, Bt, n);
                         }
                     }
                     // reverse walk; gh holds dL/dh_t from the future (a_{t+1} * g_{t+1}, or gh_last)
@@ -213,16 +333,7 @@ void hybridlm_scan_bwd(const float* u, const float* delta, const float* A, const
                             const vf* Ak = &At[k * n];
                             vf* ghk = &gh[k * n];
                             vf* gAk = &gAacc[k * n];
-                            for (int64_t i = 0; i < n; ++i) {
-                                const vf g = ghk[i] + gyv * Ct[i];     // dL/dh_t
-                                const vf gda = g * at[i] * hp[i];      // dL/d(delta * A)
-                                sc[i] += gyv * hn[i];
-                                sb[i] += g * du;
-                                gdu += g * Bt[i];
-                                gAk[i] += gda * dl;
-                                gdd += gda * Ak[i];
-                                ghk[i] = g * at[i];
-                            }
+                            reverse_step(ghk, gAk, sb.data(), sc.data(), at, hp, hn, Ak, dl, du, gyv, Bt, Ct, gdu, gdd, n);
                             store(gu + row, gdu * dl + gyv * Dv[k], w);
                             store(gdelta + row, gdu * ul + gdd, w);
                             gDacc[k] += gyv * ul;
