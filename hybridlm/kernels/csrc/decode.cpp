@@ -80,6 +80,43 @@ inline vf hsum16(const vf* v) {
 
 inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
+// One channel's state step over its n states (a decode step):
+//     h[j] = a_j * h[j] + du * B[j],  a_j = exp(delta * A[j]) (Mamba-1: A a row of [d_in, n]) or `decay`
+//     (Mamba-2: A null, one decay per head); returns sum_j h[j] * C[j]. On AVX2 without AVX-512, 8 lanes
+//     at a time (simd.h's exp8).
+inline float state_row(float* h, const float* A, float delta, float decay, float du, const float* Bv, const float* Cv,
+                       int64_t n) {
+    int64_t j = 0;
+    float y = 0.0f;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const __m256 dv = _mm256_set1_ps(delta), dc = _mm256_set1_ps(decay), uv = _mm256_set1_ps(du);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = A ? exp8(_mm256_mul_ps(_mm256_loadu_ps(A + j), dv)) : dc;
+        const __m256 hv = _mm256_fmadd_ps(e, _mm256_loadu_ps(h + j), _mm256_mul_ps(_mm256_loadu_ps(Bv + j), uv));
+        _mm256_storeu_ps(h + j, hv);
+        acc = _mm256_fmadd_ps(hv, _mm256_loadu_ps(Cv + j), acc);
+    }
+    y = hsum_avx2(acc);
+    for (; j < n; ++j) {
+        const float hv = (A ? std::exp(A[j] * delta) : decay) * h[j] + Bv[j] * du;
+        h[j] = hv;
+        y += hv * Cv[j];
+    }
+#else
+    vf yv = splat(0.0f);
+    for (; j < n; j += W) {
+        const int w = static_cast<int>(std::min<int64_t>(W, n - j));
+        const vf e = A ? vexp(load(A + j, w) * delta) : splat(decay);
+        const vf hv = e * load(h + j, w) + load(Bv + j, w) * du;
+        store(h + j, hv, w);
+        yv += hv * load(Cv + j, w);
+    }
+    y = hsum(yv);
+#endif
+    return y;
+}
+
 // [r0, r1) of n items for thread t of nt, in multiples of `align`
 inline void split(int64_t n, int t, int nt, int64_t align, int64_t& r0, int64_t& r1) {
     const int64_t blocks = (n + align - 1) / align;
@@ -700,15 +737,9 @@ void hybridlm_mamba2_step(const void* x, void* out, int act_bf16, const Mat* w_i
                 for (int64_t j = 0; j < p; ++j) {
                     const float xv = xc[bi * conv_dim + i * p + j], dx = dt * xv;
                     float* S = ssm + ((bi * h + i) * p + j) * n;
-                    vf yv = splat(0.0f);
-                    for (int64_t q = 0; q < n; q += W) {
-                        const int w = static_cast<int>(std::min<int64_t>(W, n - q));
-                        const vf sv = load(S + q, w) * decay + load(Bv + q, w) * dx;
-                        store(S + q, sv, w);
-                        yv += sv * load(Cv + q, w);
-                    }
+                    const float yc = state_row(S, nullptr, 0.0f, decay, dx, Bv, Cv, n);
                     const float z = zx[bi * proj + i * p + j];
-                    y[bi * d_in + i * p + j] = (hsum(yv) + Dp[i] * xv) * (z * sigmoidf(z));
+                    y[bi * d_in + i * p + j] = (yc + Dp[i] * xv) * (z * sigmoidf(z));
                 }
             }
 #pragma omp barrier
@@ -793,16 +824,9 @@ void mamba_tokens(const void* x, void* out, int act_bf16,
                 const float uc = u[bi * d_in + c];
                 float* h = ssm + (bi / tokens * d_in + c) * n;
                 if (trail_ssm) std::copy(h, h + n, trail_ssm + (bi * d_in + c) * n);
-                vf yv = splat(0.0f);
-                for (int64_t j = 0; j < n; j += W) {
-                    const int w = static_cast<int>(std::min<int64_t>(W, n - j));
-                    const vf hv = vexp(load(A + c * n + j, w) * delta) * load(h + j, w) +
-                                  load(Bv + j, w) * (delta * uc);
-                    store(h + j, hv, w);
-                    yv += hv * load(Cv + j, w);
-                }
+                const float yc = state_row(h, A + c * n, delta, 0.0f, delta * uc, Bv, Cv, n);
                 const float z = xz[bi * 2 * d_in + d_in + c];
-                y[bi * d_in + c] = (hsum(yv) + Dp[c] * uc) * (z * sigmoidf(z));
+                y[bi * d_in + c] = (yc + Dp[c] * uc) * (z * sigmoidf(z));
             }
         }
 #pragma omp barrier

@@ -29,9 +29,6 @@
 #include <vector>
 
 #include <omp.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 #include "simd.h"
 
@@ -40,27 +37,6 @@ namespace {
 using namespace hybridlm;
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// simd.h's vexp for 8 lanes in AVX2 registers. The scan's inner loop over the state size runs on these:
-// through the 16-lane vector type (two AVX2 registers per value) the compiler kept the n state vectors'
-// halves and vexp's temporaries on the stack.
-inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.33f), hi = _mm256_set1_ps(88.3f), round = _mm256_set1_ps(12582912.0f);
-    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    const __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504f), round), round);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145752f), xc);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860677e-6f), r);
-    __m256 p = _mm256_set1_ps(1.98412698e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.38888889e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.33333333e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.16666667e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666667e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-}
-
 // the state recurrence over i < n for the W = 16 channels of a block, as two 8-lane halves:
 //     h[i] = exp(dl * A[i]) * h[i] + du * B[i];  y += h[i] * C[i]
 inline vf state_step(vf* h, const vf* At, vf dl, vf du, const float* Bt, const float* Ct, vf y, int64_t n) {
