@@ -1,11 +1,12 @@
-"""The inference engine: parallel (chunked) prefill into a preallocated cache, one-token decode steps,
-sampling, streaming, batches of prompts of different lengths.
+"""Inference: parallel (chunked) prefill into a preallocated cache, one-token decode steps, sampling,
+streaming, batches of prompts of different lengths.
 
 Split as gpt-fast does: ``prefill`` (the prompt, in chunks of ``prefill_chunk`` tokens so memory stays
 bounded whatever the prompt length; each chunk continues from the state the previous one left),
-``decode_step`` (one token per row), ``sample`` (logits -> token), and the loops ``stream`` / ``generate``
-on top. The chat CLI and the server use ``stream`` too. With ``Generation.speculative`` (speculative.py)
-a step of the same loop verifies several drafted tokens in one forward and yields each token it decides.
+``decode_step`` (one token per row), ``sample`` (logits -> token), and ``stream`` / ``generate`` on top.
+The loop itself is engine.py's (``engine.Batch.step``), the one the server's engine runs; the chat CLI
+uses ``stream`` too. With ``Generation.speculative`` (speculative.py) a step verifies several drafted
+tokens in one forward and yields each token it decides.
 
 Batches: prompts are left-padded to one length; the pad mask keeps padding out of the Mamba state and
 out of every attention window, so each row generates what it would generate alone.
@@ -22,6 +23,7 @@ import torch
 from .cache import Cache
 
 if TYPE_CHECKING:
+    from .chat_template import TextStream
     from .speculative import Speculative
 
 DEFAULT_PREFILL_CHUNK = 2048
@@ -168,25 +170,47 @@ class StopCriteria:
         if self.strings and self.decode is None:
             raise ValueError("stop strings need a decode function (a tokenizer) to read the generated text")
 
-    def watch(self) -> Callable[[int], bool]:
-        """A checker for one row: give it each new token; True once the row is finished. Stop strings are
-        found as the server finds them (``chat_template.TextStream``: the decoded text, read
-        incrementally), so a token costs the same however long the reply."""
-        if not self.strings:
-            ids = frozenset(self.token_ids)
-            return lambda token: token in ids
+    def reader(self, text: bool = False) -> "TextStream | _StopTokens":
+        """What reads one row's tokens: ``push(token)`` returns the text safe to send (with ``text``, else
+        ""), and ``finish_reason`` becomes "stop" at a stop token or stop string. Stop strings are found as
+        the server finds them (``chat_template.TextStream``: the decoded text, read incrementally), so a
+        token costs the same however long the reply. The one place stop tokens and strings are checked."""
+        if not (self.strings or text):
+            return _StopTokens(self.token_ids)
+        if self.decode is None:
+            raise ValueError("text needs a decode function (a tokenizer)")
         from .chat_template import TextStream
-        text = TextStream(self.decode, self.token_ids, self.strings)
+        return TextStream(self.decode, self.token_ids, self.strings)
+
+    def watch(self) -> Callable[[int], bool]:
+        """A checker for one row: give it each new token; True once the row is finished."""
+        reader = self.reader()
 
         def finished(token: int) -> bool:
-            text.push(token)
-            return text.finish_reason is not None
+            reader.push(token)
+            return reader.finish_reason is not None
         return finished
 
     def hit(self, new_tokens: list[int]) -> bool:
         """Whether a row that generated ``new_tokens`` is finished (reads them all; per step, ``watch``)."""
         finished = self.watch()
         return any(finished(t) for t in new_tokens)
+
+
+class _StopTokens:
+    """``StopCriteria.reader`` without text: stop tokens only, nothing decoded."""
+
+    def __init__(self, token_ids: tuple[int, ...]):
+        self.ids = frozenset(token_ids)
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        if self.finish_reason is None and token in self.ids:
+            self.finish_reason = "stop"
+        return ""
+
+    def flush(self) -> str:
+        return ""
 
 
 @dataclass
@@ -205,12 +229,15 @@ def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor |
            history: list[list[int]] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [b] per step; finished rows yield -1 from then on.
 
+    The steps are ``engine.Batch.step`` (the server's too) over one group of rows (``engine.Rows``: one
+    sampling, one generator drawing all rows at once, a stop reader per row).
     With ``cache`` given, ``input_ids`` continue from its state (an empty ``input_ids`` plus the
     ``logits`` the cache ended on continue without any prefill: a restored snapshot); ``history`` (the
     tokens already in that cache, per row) is what a speculative drafter looks up and a draft model reads.
     With ``gen.speculative``, closing the generator early (``break`` in a for loop) rolls the cache back to
     the tokens consumed, so it always ends as plain decoding leaves it: every yielded token but the last fed.
     """
+    from .engine import Batch, Rows   # engine.py builds on this module
     b, l = input_ids.shape
     if gen.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {gen.max_new_tokens}")
@@ -225,42 +252,19 @@ def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor |
         raise ValueError("nothing to continue from: give prompt tokens or the logits the cache ended on")
     s = gen.sampling
     g = torch.Generator(device=logits.device).manual_seed(s.seed) if s.seed is not None else None
-    seen = None
-    if s.repetition_penalty != 1.0:
-        seen = torch.zeros(b, logits.shape[-1], dtype=torch.bool, device=logits.device)
-        if l:
-            seen.scatter_(1, input_ids, mask if mask is not None else True)
-    counts = None   # tokens generated per row, for presence/frequency penalties
-    if s.presence_penalty or s.frequency_penalty:
-        counts = torch.zeros(b, logits.shape[-1], device=logits.device)
-    done = torch.zeros(b, dtype=torch.bool)
-    finished = [gen.stop.watch() for _ in range(b)]   # per row: give it each token, True once it stops
-    # speculative decoding (speculative.py): one verify step decides several tokens, queued here
+    rows = Rows(b, s, gen.stop, gen.max_new_tokens, g, input_ids if l else None, mask)
+    # speculative decoding (speculative.py): a step verifies drafted tokens and decides several
     spec = None if gen.speculative is None else gen.speculative.start(model, cache, input_ids, mask, history, gen)
-    queued: list[torch.Tensor] = []
-    tok = None      # the last token emitted, which a speculative step starts from
+    batch = Batch(model, cache, [rows], logits, spec)
+    taken = 0
     try:
-        for step in range(gen.max_new_tokens):
-            if not queued:
-                queued = spec.step(tok, done, seen, g, gen.max_new_tokens - step, counts) \
-                    if spec is not None and step else [sample(logits, s, g, seen, counts)]
-            tok = queued.pop(0)
-            out = tok.masked_fill(done, -1)
-            yield out
-            for i in range(b):
-                if not done[i] and finished[i](int(tok[i])):
-                    done[i] = True
-            if bool(done.all()) or step + 1 == gen.max_new_tokens:
-                return
-            if seen is not None:
-                seen[torch.arange(b), tok] = True
-            if counts is not None:
-                counts[torch.arange(b), tok] += 1
-            if spec is None:
-                logits = decode_step(model, cache, tok)
+        while rows.steps < gen.max_new_tokens and not rows.finished:
+            taken = 0
+            for out in batch.step():
+                taken += 1
+                yield out
     finally:
-        if spec is not None:      # tokens verified but not consumed leave the cache
-            spec.settle(len(queued))
+        batch.settle(taken)       # tokens decided but not taken leave the cache
 
 
 @torch.no_grad()

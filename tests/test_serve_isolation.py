@@ -20,6 +20,7 @@ from hybridlm import HybridLM  # noqa: E402
 from hybridlm.chat_template import ChatFormat  # noqa: E402
 from hybridlm.generate import Sampling, sample  # noqa: E402
 from hybridlm.prefix_cache import PrefixCache  # noqa: E402
+from hybridlm.engine import Rows  # noqa: E402
 from hybridlm.serve import Engine, Job, Limits, create_app, http_protocol  # noqa: E402
 from hybridlm.tokenizer import load_tokenizer  # noqa: E402
 from tests.test_chat import make_chat_checkpoint  # noqa: E402
@@ -167,20 +168,20 @@ def test_tiny_temperature_and_top_p_sample_the_top_token():
         assert torch.equal(sample(logits, s, g), logits.argmax(-1)), s
 
 
-def test_an_exception_in_one_job_fails_that_request_alone(serve, ckpt):
+def test_an_exception_in_one_job_fails_that_request_alone(serve, ckpt, monkeypatch):
     server, app = serve(max_batch=2)   # most of the others wait in the queue meanwhile
     engine = app.state.engine
     bias = no_stop(ckpt)
     prompts = [f"question {i}: where is the fox?" for i in range(4)]
     alone = {p: text_of(post(server.url, chat_body(p, logit_bias=bias))) for p in prompts}
-    real_sample = engine._sample
+    real_sample = Rows.sample
 
-    def poisoned(job, logits):
+    def poisoned(rows, logits):
         # seed 4242 fails on its first token (while starting), 4243 on its third (a row of the batch)
-        if job.sampling.seed == 4242 or job.sampling.seed == 4243 and len(job.generated) == 2:
+        if rows.sampling.seed == 4242 or rows.sampling.seed == 4243 and len(rows.tokens[0]) == 2:
             raise RuntimeError("injected failure")
-        return real_sample(job, logits)
-    engine._sample = poisoned
+        return real_sample(rows, logits)
+    monkeypatch.setattr(Rows, "sample", poisoned)
 
     bodies = [chat_body(p, logit_bias=bias) for p in prompts]
     bodies += [chat_body("poison", seed=4242, logit_bias=bias),
@@ -198,24 +199,24 @@ def test_an_exception_in_one_job_fails_that_request_alone(serve, ckpt):
     assert events[0]["choices"][0]["delta"]["role"] == "assistant" and "error" not in events[-3]
     assert drained(engine)
     # and it serves on
-    engine._sample = real_sample
+    monkeypatch.undo()
     assert text_of(post(server.url, chat_body(prompts[0], logit_bias=bias))) == alone[prompts[0]]
 
 
 def test_a_failed_batch_step_fails_its_rows_and_serves_the_queue(model, ckpt, monkeypatch):
     """A decode step of the whole batch raises (out of memory, say): no one job to blame, so the row in the
     batch fails; the job waiting behind it is served."""
-    import hybridlm.serve
+    import hybridlm.engine
     tok = load_tokenizer(ckpt)
     engine = Engine(model, tok, Limits(context=CONTEXT, max_batch=1), store=None)
-    real, calls = hybridlm.serve.decode_step, []
+    real, calls = hybridlm.engine.decode_step, []
 
     def flaky(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("out of memory")
         return real(*args)
-    monkeypatch.setattr(hybridlm.serve, "decode_step", flaky)
+    monkeypatch.setattr(hybridlm.engine, "decode_step", flaky)
     ends, done = [], threading.Event()
 
     def emit(e):

@@ -1,0 +1,539 @@
+"""The one generator: rows decoded together in one cache, a step at a time, and the scheduler that serves
+requests with them.
+
+``Rows`` is what sampling and stopping need of rows that draw together: one ``generate.Sampling`` with
+one generator, the tokens the penalties read, a stop reader per row (``generate.StopCriteria``: stop
+tokens and stop strings, found in the decoded text as ``chat_template.TextStream`` finds them), the
+tokens generated and the length limit. ``Batch`` holds groups of ``Rows`` in one ``Cache`` and owns the
+package's one decode step, ``Batch.step``: feed every row's last token (one ``generate.decode_step``, or
+with speculative decoding one verify forward that decides several tokens), then each group samples its
+rows and accepts the tokens. ``generate.stream`` (so ``generate`` and ``chat``) runs a batch of one group
+to the end; the ``Engine`` (the server's model thread) keeps one batch that requests join and leave.
+
+Batches of one group sample all their rows in one draw ([b, v] -> [b] from one generator), so a seeded
+``generate`` call gives what it gave before this module existed; each server request is a group of its
+own, with its own generator, so its tokens do not depend on who else is in the batch.
+
+The Engine batches: every step it gives a slice of prefill to the requests that are starting (so a long
+prompt does not stall the others) and runs one decode step for all running rows together. Requests join
+and leave the batch at any step: rows live in one cache, right-aligned, with the slots before a shorter
+row marked invalid, which the model already treats as left padding (see ``generate.left_pad``);
+``Cache.gather`` rebuilds that cache when the set of rows changes (``Batch.join`` / ``Batch.keep``).
+
+Prompt-state reuse (``prefix_cache``): each prompt starts from the longest stored prefix state; the
+states at message boundaries, at the end of each prompt and after each reply are stored. A client's
+prompt states are stored in its own part of the prefix cache (``_ScopedStore``). Each client may hold
+``max_client_jobs`` of the queue, and waiting jobs take batch rows in turns between clients
+(``Engine._admit``).
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .cache import Cache
+from .chat_template import text_decoder
+from .generate import Sampling, StopCriteria, decode_step, sample
+from .prefix_cache import PrefillJob, PrefixCache, remember_reply
+
+log = logging.getLogger("hybridlm.engine")
+
+
+# ---- rows and the decode step ---------------------------------------------------------------------------
+class Rows:
+    """n rows that sample together: one ``sampling`` and one ``generator`` (None: torch's global one),
+    so a step draws all n tokens in one call; and per row its stop reader, its tokens and whether it is
+    done (a stop token or string, or ``max_new`` tokens: finish reason "stop" or "length").
+
+    ``prompt`` [n, l] (with ``mask`` [n, l], False at left padding): tokens the repetition penalty counts
+    as seen. ``text``: decode each row's tokens and give the text that is safe to send to ``on_text(row,
+    delta)`` (the server's replies); without it text is decoded only to find stop strings.
+    State read by ``generate.sample``, allocated on the first logits: ``seen`` [n, v] bool (prompt and
+    generated tokens; with a repetition penalty), ``counts`` [n, v] (how often each token was generated;
+    with presence or frequency penalties); None when unused."""
+
+    def __init__(self, n: int, sampling: Sampling, stop: StopCriteria, max_new: int,
+                 generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, text: bool = False,
+                 on_text: Callable[[int, str], None] | None = None):
+        if max_new < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
+        self.n, self.sampling, self.max_new, self.generator = n, sampling, max_new, generator
+        self.readers = [stop.reader(text) for _ in range(n)]
+        self.on_text = on_text
+        self.tokens: list[list[int]] = [[] for _ in range(n)]   # per row: tokens accepted until it finished
+        self.done = torch.zeros(n, dtype=torch.bool)
+        self.steps = 0                      # tokens accepted per row (finished rows included)
+        self.seen: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self._prompt = (prompt, mask)
+        self._allocated = False
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def finish_reason(self, row: int) -> str | None:
+        return self.readers[row].finish_reason
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [n, v] -> tokens [n], drawn with every transform of ``sampling`` (``generate.sample``)."""
+        if not self._allocated:
+            self._allocate(logits)
+        return sample(logits, self.sampling, self.generator, self.seen, self.counts)
+
+    def accept(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Record tokens [n] (one per row); returns them with -1 in rows finished before this step."""
+        out = tokens.masked_fill(self.done, -1)
+        self.steps += 1
+        for i, (was_done, t) in enumerate(zip(self.done.tolist(), tokens.tolist())):
+            if was_done:
+                continue
+            self.tokens[i].append(t)
+            reader = self.readers[i]
+            delta = reader.push(t)
+            if reader.finish_reason is None and len(self.tokens[i]) >= self.max_new:
+                reader.finish_reason = "length"
+                delta += reader.flush()
+            if delta and self.on_text is not None:
+                self.on_text(i, delta)
+            if reader.finish_reason is not None:
+                self.done[i] = True
+        rows = torch.arange(self.n)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+        return out
+
+    def _allocate(self, logits: torch.Tensor):
+        s, (prompt, mask) = self.sampling, self._prompt
+        v, device = logits.shape[-1], logits.device
+        if s.repetition_penalty != 1.0:
+            self.seen = torch.zeros(self.n, v, dtype=torch.bool, device=device)
+            if prompt is not None:
+                self.seen.scatter_(1, prompt.to(device), mask.to(device) if mask is not None else True)
+        if s.presence_penalty or s.frequency_penalty:
+            self.counts = torch.zeros(self.n, v, device=device)
+        self._allocated = True
+
+
+class Batch:
+    """Groups of ``Rows`` decoded together in one cache (each group owns consecutive rows, in order):
+    ``step`` is the package's one decode step. ``last`` [B]: each row's last token, not yet in the
+    cache. ``logits`` [B, v]: what the cache ended on, when the first step samples from them instead of
+    decoding (after a prefill). ``speculative`` (speculative.py's ``SpecRun``, one group only): each step
+    verifies drafted tokens in one forward and decides several."""
+
+    def __init__(self, model, cache: Cache | None = None, groups: list[Rows] | None = None,
+                 logits: torch.Tensor | None = None, speculative=None):
+        self.model, self.cache, self.groups = model, cache, list(groups or [])
+        self.logits = logits
+        self.last: torch.Tensor | None = None
+        self.spec = speculative
+        if speculative is not None and len(self.groups) != 1:
+            raise ValueError("speculative decoding runs a batch of one group (one sampling, one generator)")
+        self._decided = 0               # tokens per row the last step decided
+
+    @property
+    def rows(self) -> int:
+        return sum(g.n for g in self.groups)
+
+    @torch.no_grad()
+    def step(self, failed: Callable[[int, Exception], None] | None = None) -> list[torch.Tensor]:
+        """One step of every row: feed the last tokens (or take ``logits``), then each group samples and
+        accepts its tokens. Returns what the step decided, a tensor [B] per position (-1 in rows finished
+        before it): one, or with speculation up to k + 1, ending where every row has finished.
+
+        ``failed(group, exception)``: called when a group's sampling or text raises; the other groups go
+        on (the caller takes the failed group out). Without it the exception propagates."""
+        if self.spec is not None and self.logits is None:
+            return self._speculate()
+        logits = self.logits if self.logits is not None else decode_step(self.model, self.cache, self.last)
+        self.logits = None
+        outs, last, o = [], [], 0
+        for i, g in enumerate(self.groups):
+            part = logits[o:o + g.n]                                   # [n, v]
+            o += g.n
+            try:
+                tokens = g.sample(part)
+                outs.append(g.accept(tokens))
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed(i, e)
+                tokens = torch.zeros(g.n, dtype=torch.long, device=logits.device)
+                outs.append(torch.full_like(tokens, -1))
+            last.append(tokens)
+        self.last = torch.cat(last)
+        self._decided = 1
+        return [torch.cat(outs)]
+
+    def _speculate(self) -> list[torch.Tensor]:
+        (g,) = self.groups
+        decided = self.spec.step(self.last, g.done, g.seen, g.generator, g.max_new - g.steps, g.counts)
+        outs = []
+        for tokens in decided:
+            outs.append(g.accept(tokens))
+            self.last = tokens
+            if g.finished:
+                break
+        self._decided = len(decided)
+        return outs
+
+    def settle(self, taken: int):
+        """The consumer took ``taken`` of the tokens the last step decided per row: with speculation the
+        cache keeps only those, as plain decoding leaves it (every token taken but the last fed)."""
+        if self.spec is not None:
+            self.spec.settle(self._decided - taken)
+
+    # ---- rows joining and leaving (the server's engine) -----------------------------------------------
+    def join(self, others: list[Batch]):
+        """Append the groups of ``others`` (each with its own cache, stepped at least once) to this batch."""
+        mine = [self] if self.groups else []
+        batches = mine + others
+        self._regather([(b.cache, r) for b in batches for r in range(b.rows)],
+                       [g for b in batches for g in b.groups])
+        self.last = torch.cat([b.last for b in batches])
+
+    def keep(self, groups: list[int]):
+        """Shrink the batch to ``groups`` (indices, in order)."""
+        starts = self._starts()
+        rows = [r for i in groups for r in range(starts[i], starts[i] + self.groups[i].n)]
+        self.last = self.last[rows] if rows else None
+        self._regather([(self.cache, r) for r in rows], [self.groups[i] for i in groups])
+
+    def row_cache(self, group: int) -> Cache:
+        """Group ``group``'s first row as a cache of its own, with a free position (to feed its last token)."""
+        if self.cache.batch == 1:
+            return self.cache
+        return Cache.gather([(self.cache, self._starts()[group])], 1)
+
+    def _starts(self) -> list[int]:
+        starts, o = [], 0
+        for g in self.groups:
+            starts.append(o)
+            o += g.n
+        return starts
+
+    def _regather(self, parts: list[tuple[Cache, int]], groups: list[Rows]):
+        self.groups = groups
+        # room for every row's remaining tokens, +1 to feed the last one when its state is stored
+        self.cache = Cache.gather(parts, max(g.max_new - g.steps + 1 for g in groups)) if parts else None
+
+
+# ---- the server's scheduler -----------------------------------------------------------------------------
+@dataclass
+class Limits:
+    context: int                      # prompt + new tokens of one request
+    max_new_tokens: int = 2048        # cap on max_tokens
+    max_batch: int = 16               # rows decoded together
+    max_queue: int = 256              # completions waiting or running; more are refused with 503
+    max_body_bytes: int = 4 * 2**20
+    prefill_slice: int = 512          # prompt tokens per engine step, shared by the starting requests
+    snapshot_every: int = 1024        # also keep prompt state every N tokens of long prompts (0: off)
+    max_request_jobs: int = 16        # completions (prompts x n) in one request; more are refused with 400
+    max_client_jobs: int = 64         # completions one client may have waiting or running; more get 429
+    max_stops: int = 4                # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 256         # characters per stop string
+    read_timeout: float = 30.0        # seconds for a request's body to arrive (and its head, see http_protocol)
+
+
+class Overloaded(Exception):
+    pass
+
+
+class RateLimited(Overloaded):
+    """One client holds its share of the queue (``Limits.max_client_jobs``)."""
+
+
+@dataclass(eq=False)   # a job is itself: compared (``in``, ``remove``) by identity, never field by field
+class Job:
+    """One completion (one choice) for the engine. ``emit`` is called from the model thread with
+    ("text", index, delta), ("end", index, finish_reason, completion_tokens, cached_tokens) or
+    ("error", index, message).
+
+    ``client`` identifies who sent it (see ``serve.client_id``): jobs of different clients take turns for
+    batch rows, and a client's prompts are stored in and found from its own part of the prefix cache.
+    None: an anonymous caller of the engine, with an unscoped prefix cache."""
+    ids: list[int]
+    max_new: int
+    sampling: Sampling
+    emit: Callable[[tuple], None]
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    index: int = 0
+    boundaries: list[int] = field(default_factory=list)
+    # folded into ``sampling`` (which owns every logit transform) when the job starts; kept as fields for
+    # callers that build jobs by hand
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    client: int | None = None
+    cancelled: bool = False
+    # engine state
+    reused: int = 0                   # prompt tokens restored from the prefix cache
+    prefill: PrefillJob | None = None
+    rows: Rows | None = None          # its sampling and stop state, from its first token on
+
+    @property
+    def generated(self) -> list[int]:
+        return self.rows.tokens[0] if self.rows is not None else []
+
+
+class Engine:
+    """Owns the model; serves jobs from one thread with batched decode (see the module docstring).
+
+    A failure is answered where it happens: an exception while prefilling, sampling or decoding the
+    text of one job fails that job alone (an "error" event); one in a step of the whole batch (out of
+    memory, a bug) fails the rows in the batch, and the queue is served on."""
+
+    def __init__(self, model, tokenizer, limits: Limits, store: PrefixCache | None):
+        self.model, self.limits, self.store = model, limits, store
+        self.decode = text_decoder(tokenizer)
+        vocab_size = getattr(tokenizer, "vocab_size", None)
+        # ids the tokenizer cannot decode (a model vocabulary padded past the tokenizer's) are never sampled
+        self._vocab_limit = vocab_size if vocab_size and vocab_size < model.config.vocab_size else 0
+        self._pending: deque[Job] = deque()
+        self._starting: deque[Job] = deque()
+        self._joining: list[tuple[Job, Batch]] = []   # prompt done, first token sampled, not in the batch yet
+        self._rows: list[Job] = []                    # the jobs of ``_batch.groups``, in order
+        self._batch = Batch(model)
+        self._admitted: dict[int | None, int] = {}   # client -> serial of its last job given a row
+        self._serial = 0
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.busy = False                 # the model thread is working (a step, or storing a reply's state)
+        self._thread = threading.Thread(target=self._run, name="hybridlm-model", daemon=True)
+        self.steps = 0
+        self.max_rows_seen = 0
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0):
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def submit(self, jobs: list[Job]):
+        """All choices of one HTTP request are admitted together or refused together."""
+        with self._cv:
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            if self.load() + len(jobs) > self.limits.max_queue:
+                raise Overloaded(f"the server is busy ({self.load()} completions queued or running, "
+                                 f"limit {self.limits.max_queue}); retry later")
+            for client in {j.client for j in jobs}:
+                held = sum(j.client == client for j in self._jobs())
+                asked = sum(j.client == client for j in jobs)
+                if held + asked > self.limits.max_client_jobs:
+                    raise RateLimited(f"this client has {held} completions queued or running and asks for {asked} "
+                                      f"more; the limit per client is {self.limits.max_client_jobs}; retry when "
+                                      f"some have finished")
+            self._pending.extend(jobs)
+            self._cv.notify()
+
+    def load(self) -> int:
+        return len(self._pending) + len(self._starting) + len(self._joining) + len(self._rows)
+
+    def _jobs(self):
+        return (*self._pending, *self._starting, *(j for j, _ in self._joining), *self._rows)
+
+    def stats(self) -> dict:
+        return {"waiting": len(self._pending), "prefilling": len(self._starting) + len(self._joining),
+                "decoding": len(self._rows),
+                "busy": self.busy, "steps": self.steps, "max_batch_seen": self.max_rows_seen}
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def _run(self):
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._pending or self._starting or self._rows or self._stopping):
+                        self.busy = False
+                        self._cv.wait()
+                    self.busy = True
+                    if self._stopping:
+                        self._fail_all("the server is shutting down")
+                        return
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as e:   # a bug outside the per-job and per-batch guards: fail what is in flight
+                    log.exception("engine step failed")
+                    self._fail([*self._starting, *(j for j, _ in self._joining), *self._rows], e)
+                    self._starting.clear()
+                    self._clear_batch()
+
+    def _admit(self):
+        """Move waiting jobs into free batch rows, taking turns between clients: next is the oldest job of
+        the client with the fewest rows, and among those the one served longest ago, so one client's
+        many jobs do not keep another's single job waiting (call with the lock held)."""
+        active = Counter(j.client for j in (*self._starting, *self._rows))   # (nothing is joining between steps)
+        while self._pending and len(self._rows) + len(self._starting) < self.limits.max_batch:
+            job = min(self._pending, key=lambda j: (active[j.client], self._admitted.get(j.client, -1)))
+            self._pending.remove(job)
+            self._starting.append(job)
+            active[job.client] += 1
+            self._serial += 1
+            self._admitted[job.client] = self._serial
+        if len(self._admitted) > 2 * self.limits.max_queue:   # forget clients with nothing queued or running
+            present = {j.client for j in self._jobs()}
+            self._admitted = {c: n for c, n in self._admitted.items() if c in present}
+
+    def _clear_batch(self):
+        self._joining, self._rows, self._batch = [], [], Batch(self.model)
+
+    def _fail_all(self, message: str):
+        """Answer every job with an error and forget them (call with the lock held)."""
+        for job in self._jobs():
+            job.emit(("error", job.index, message))
+        self._pending.clear()
+        self._starting.clear()
+        self._clear_batch()
+
+    def _fail(self, jobs: list[Job], e: Exception):
+        """Answer ``jobs`` with an error (the caller takes them out of the queues)."""
+        message = f"internal error while generating this completion: {type(e).__name__}: {e}"
+        for job in jobs:
+            job.cancelled = True   # and its state is not stored
+            job.emit(("error", job.index, message))
+
+    def _step(self):
+        self.steps += 1
+        try:
+            self._drop_cancelled()
+            self._prefill()
+            if self._joining:
+                joining, self._joining = self._joining, []
+                self._batch.join([b for _, b in joining])
+                self._rows += [j for j, _ in joining]
+                for job, _ in joining:
+                    job.prefill = None   # its cache now lives in the batch
+            if self._rows:
+                self._decode()
+        except Exception as e:
+            # the batch as a whole failed (out of memory, a bug): no one job to blame, so its rows fail;
+            # jobs still waiting or prefilling are served on
+            log.exception("batch step failed")
+            self._fail([*self._rows, *(j for j, _ in self._joining)], e)
+            self._clear_batch()
+
+    def _prefill(self):
+        """Give the starting jobs this step's slice of prompt tokens; a job whose prompt is done takes its
+        first token (the step of a batch of its own, from the prompt's logits) and goes to ``_joining``.
+        A job that raises fails alone."""
+        budget = self.limits.prefill_slice
+        while self._starting and budget > 0:
+            job = self._starting[0]
+            try:
+                if job.prefill is None:
+                    # +1: room to feed the last token when the reply's state is stored
+                    job.prefill = PrefillJob(self.model, job.ids, len(job.ids) + job.max_new + 1, self._store(job),
+                                             job.boundaries, self.limits.snapshot_every)
+                budget -= job.prefill.step(budget)
+                if not job.prefill.done:
+                    break
+                job.reused = job.prefill.reused
+                job.rows = self._rows_of(job)
+                alone = Batch(self.model, job.prefill.cache, [job.rows], job.prefill.logits)
+                alone.step()
+                if job.rows.finished:
+                    self._finish(job, alone, 0)
+                else:
+                    self._joining.append((job, alone))
+                self._starting.popleft()   # only now: until it is in _joining, it counts as starting
+            except Exception as e:
+                log.exception("a completion failed while starting")
+                self._starting.popleft()
+                job.prefill = None
+                self._fail([job], e)
+
+    def _rows_of(self, job: Job) -> Rows:
+        """The job's sampling (the request's transforms folded in), generator, stop reader and text."""
+        s = job.sampling
+        job.sampling = s = replace(s, logit_bias={**s.logit_bias, **job.logit_bias},
+                                   presence_penalty=job.presence_penalty or s.presence_penalty,
+                                   frequency_penalty=job.frequency_penalty or s.frequency_penalty,
+                                   vocab_limit=self._vocab_limit or s.vocab_limit)
+        seed = s.seed if s.seed is not None else secrets.randbits(63)
+        return Rows(1, s, StopCriteria(job.stop_ids, job.stop_strings, self.decode), job.max_new,
+                    torch.Generator().manual_seed(seed), prompt=torch.tensor([job.ids]), text=True,
+                    on_text=lambda _, delta: job.emit(("text", job.index, delta)))
+
+    def _decode(self):
+        """One decode step for every row; a row whose sampling or text raises fails alone."""
+        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+        failed = set()
+
+        def fail(i: int, e: Exception):
+            log.exception("a completion failed while decoding", exc_info=e)
+            failed.add(i)
+            self._fail([self._rows[i]], e)
+        self._batch.step(fail)
+        keep = []
+        for i, job in enumerate(self._rows):
+            if i in failed:
+                continue
+            if job.rows.finished:
+                self._finish(job, self._batch, i)
+            else:
+                keep.append(i)
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]):
+        """Shrink the batch to the jobs at ``keep``."""
+        self._rows = [self._rows[i] for i in keep]
+        self._batch.keep(keep)
+
+    def _drop_cancelled(self):
+        with self._cv:   # the event loop appends to _pending
+            if any(j.cancelled for j in self._pending):
+                self._pending = deque(j for j in self._pending if not j.cancelled)
+        if any(j.cancelled for j in self._starting):
+            self._starting = deque(j for j in self._starting if not j.cancelled)
+        keep = [i for i, j in enumerate(self._rows) if not j.cancelled]
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def _store(self, job: Job):
+        """The prefix cache as ``job``'s client sees it."""
+        if self.store is None or job.client is None:
+            return self.store
+        return _ScopedStore(self.store, job.client)
+
+    def _finish(self, job: Job, batch: Batch, group: int):
+        job.emit(("end", job.index, job.rows.finish_reason(0), len(job.generated), job.reused))
+        store = self._store(job)
+        if store is not None and not job.cancelled:
+            # after the answer is out; the next request is served by this thread, so it finds the state
+            try:
+                remember_reply(self.model, batch.row_cache(group), job.ids + job.generated, job.generated[-1], store)
+            except Exception:   # the answer is out already; only the reuse of its state is lost
+                log.exception("storing a reply's state failed")
+
+
+class _ScopedStore:
+    """One client's view of the shared prefix cache. Its keys are the client's token ids shifted past
+    every real id by a per-client offset, so a client finds only prefixes it stored itself: a hit on
+    another client's prompt would tell it that prompt (through ``cached_tokens``, and through the time to
+    its first token). One byte budget and one LRU still serve all clients."""
+
+    def __init__(self, shared: PrefixCache, client: int):
+        self.shared = shared
+        self.offset = (client + 1) << 32   # token ids are below 2**32
+
+    def lookup(self, tokens):
+        return self.shared.lookup([self.offset + t for t in tokens])
+
+    def store(self, tokens, snap):
+        return self.shared.store([self.offset + t for t in tokens], snap)
