@@ -190,25 +190,31 @@ MIXERS = [dict(),
           dict(mamba_d_state=20, mamba_d_conv=3, hidden_size=40, mamba_dt_rank=3)]
 
 
-@pytest.mark.parametrize("over", MIXERS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mamba_step_matches_op_by_op(over, dtype, backend):
-    """Eight decode steps of one mixer from a prefilled state: outputs and both states, kernel vs torch ops."""
-    cfg = preset("tiny", **over)
-    mixer = MambaMixer(cfg)
+def check_mixer_steps(cls, cfg, state_cfg, dtype, rows, backend, spy: str):
+    """Eight decode steps of one mixer (``cls``) from a prefilled state, three ways: an fp32 copy
+    ("exact"), torch ops in ``dtype`` ("ref") and the fused kernel in ``dtype`` ("auto", which must call the
+    step ``spy``, the dotted path the mixer's module calls it by). Outputs and both states: fp32 kernel ==
+    torch ops to ~1e-5; bf16: the kernel keeps fp32 between ops, so it is at least as close to the fp32
+    computation as the op-by-op path."""
+    mixer = cls(cfg)
     randomize_(mixer, seed=1)
     mixer = mixer.to(dtype)
-    x = torch.randn(3, 12, cfg.hidden_size, generator=gen(2)).to(dtype)
+    x = torch.randn(rows, 12, cfg.hidden_size, generator=gen(2)).to(dtype)
     runs = {}
     for name, model_dtype in (("exact", torch.float32), ("ref", dtype), ("auto", dtype)):
         backend("ref" if name != "auto" else "auto")
-        m = mixer if model_dtype == dtype else MambaMixer(cfg)
+        m = mixer if model_dtype == dtype else cls(cfg)
         if m is not mixer:
             m.load_state_dict({k: v.float() for k, v in mixer.state_dict().items()})
-        state = Cache.allocate(cfg.replace(layout="m", num_hidden_layers=1), 3, 16, model_dtype).layers[0]
-        with torch.no_grad():
-            m(x[:, :4].to(model_dtype), state)           # prefill (always torch ops / C++ scan)
-            ys = [m(x[:, t:t + 1].to(model_dtype), state) for t in range(4, 12)]
+        state = Cache.allocate(state_cfg, rows, 16, model_dtype).layers[0]
+        calls = []
+        real = getattr(decode_cpu, spy.split(".")[-1])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(spy, lambda *a: calls.append(1) or real(*a))
+            with torch.no_grad():
+                m(x[:, :4].to(model_dtype), state)           # prefill (torch ops / C++ scan)
+                ys = [m(x[:, t:t + 1].to(model_dtype), state) for t in range(4, 12)]
+        assert len(calls) == (8 if name == "auto" else 0)
         runs[name] = (torch.cat(ys, 1), state.ssm.clone(), state.conv.float().clone())
     if dtype == torch.float32:
         for a, b in zip(runs["auto"], runs["ref"]):
@@ -216,6 +222,15 @@ def test_mamba_step_matches_op_by_op(over, dtype, backend):
     else:
         for a, r, e in zip(runs["auto"], runs["ref"], runs["exact"]):
             assert err(a, e) <= err(r, e) * 1.05 + 1e-3 * e.abs().max().item()
+
+
+@pytest.mark.parametrize("over", MIXERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba_step_matches_op_by_op(over, dtype, backend):
+    """Eight decode steps of one mixer from a prefilled state: outputs and both states, kernel vs torch ops."""
+    cfg = preset("tiny", **over)
+    check_mixer_steps(MambaMixer, cfg, cfg.replace(layout="m", num_hidden_layers=1), dtype, 3, backend,
+                      "hybridlm.mamba.mamba_step")
 
 
 MAMBA2 = dict(layout="s", num_hidden_layers=1, mamba2_n_heads=6, mamba2_head_dim=5, mamba2_n_groups=1,
@@ -228,38 +243,11 @@ MAMBA2 = dict(layout="s", num_hidden_layers=1, mamba2_n_heads=6, mamba2_head_dim
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_mamba2_step_matches_op_by_op(over, dtype, rows, backend):
-    """Eight decode steps of one Mamba-2 mixer from a prefilled state: outputs and both states, the fused
-    kernel vs torch ops (groups of B/C, d_state across and below a vector, dt clamped, biases, the norm over
-    groups or the whole width). bf16: the kernel keeps fp32 between ops, so it is at least as close to an
-    fp32 computation as the op-by-op path."""
+    """The same for a Mamba-2 mixer: groups of B/C, d_state across and below a vector, dt clamped, biases,
+    the norm over groups or the whole width."""
     from hybridlm.mamba2 import Mamba2Mixer
     cfg = preset("tiny", **{**MAMBA2, **over})
-    mixer = Mamba2Mixer(cfg)
-    randomize_(mixer, seed=1)
-    mixer = mixer.to(dtype)
-    x = torch.randn(rows, 12, cfg.hidden_size, generator=gen(2)).to(dtype)
-    runs = {}
-    for name, model_dtype in (("exact", torch.float32), ("ref", dtype), ("auto", dtype)):
-        backend("ref" if name != "auto" else "auto")
-        m = mixer if model_dtype == dtype else Mamba2Mixer(cfg)
-        if m is not mixer:
-            m.load_state_dict({k: v.float() for k, v in mixer.state_dict().items()})
-        state = Cache.allocate(cfg, rows, 16, model_dtype).layers[0]
-        calls = []
-        real = decode_cpu.mamba2_step
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("hybridlm.mamba2.mamba2_step", lambda *a: calls.append(1) or real(*a))
-            with torch.no_grad():
-                m(x[:, :4].to(model_dtype), state)           # prefill (chunked SSD, torch ops)
-                ys = [m(x[:, t:t + 1].to(model_dtype), state) for t in range(4, 12)]
-        assert len(calls) == (8 if name == "auto" else 0)
-        runs[name] = (torch.cat(ys, 1), state.ssm.clone(), state.conv.float().clone())
-    if dtype == torch.float32:
-        for a, b in zip(runs["auto"], runs["ref"]):
-            assert err(a, b) < 1e-5 * max(1.0, b.abs().max().item())
-    else:
-        for a, r, e in zip(runs["auto"], runs["ref"], runs["exact"]):
-            assert err(a, e) <= err(r, e) * 1.05 + 1e-3 * e.abs().max().item()
+    check_mixer_steps(Mamba2Mixer, cfg, cfg, dtype, rows, backend, "hybridlm.mamba2.mamba2_step")
 
 
 # ---- whole model --------------------------------------------------------------------------------------

@@ -14,16 +14,9 @@ from hybridlm.engine import Batch, Engine, Job, Limits, Rows
 from hybridlm.generate import (Generation, Sampling, StopCriteria, decode_step, generate, left_pad, prefill, sample,
                                stream)
 
-V = 97
+from .test_one_sampler import V, model  # noqa: F401  (the same tiny model, a module-scoped fixture)
+
 ROOT = Path(__file__).resolve().parents[1] / "hybridlm"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    cfg = preset("tiny", vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                 num_key_value_heads=1, mamba_d_state=8, layout="mMaMwMmM", sliding_window=6)
-    return HybridLM(cfg).init_weights(0).eval()
 
 
 class Ids:

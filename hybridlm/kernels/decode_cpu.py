@@ -138,6 +138,15 @@ def mlp_step(mlp, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _state_buffers(state, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mamba or Mamba-2 layer's (conv, ssm) buffers, checked to be what the step kernels write in place."""
+    conv, ssm = state.conv, state.ssm
+    if not (conv.is_contiguous() and ssm.is_contiguous() and ssm.dtype == torch.float32 and conv.dtype in _DTYPES):
+        raise ValueError(f"the decode kernels need a contiguous {kind} state (conv fp32/bf16, ssm fp32) as "
+                         "HybridLM.new_cache allocates it")
+    return conv, ssm
+
+
 def _mamba_sources(m) -> tuple:
     """The mixer's small parameters, in _mamba_small's order."""
     return (m.in_proj.bias, m.out_proj.bias, m.conv1d.weight, m.conv1d.bias, m.dt_layernorm.weight,
@@ -152,10 +161,7 @@ def _mamba_small(in_b, out_b, conv_w, conv_b, dt_ln, b_ln, c_ln, dt_b, A_log, D)
 def mamba_step(m, x: torch.Tensor, state) -> torch.Tensor:
     """mamba.MambaMixer's forward for one token per row: x [b, 1, d] -> [b, 1, d]; ``state``
     (a cache.MambaState, contiguous) is updated in place."""
-    conv, ssm = state.conv, state.ssm
-    if not (conv.is_contiguous() and ssm.is_contiguous() and ssm.dtype == torch.float32 and conv.dtype in _DTYPES):
-        raise ValueError("the decode kernels need a contiguous Mamba state (conv fp32/bf16, ssm fp32) as "
-                         "HybridLM.new_cache allocates it")
+    conv, ssm = _state_buffers(state, "Mamba")
     x = x.contiguous()
     b, _, d = x.shape
     out = torch.empty_like(x)
@@ -182,10 +188,7 @@ def mamba2_step(m, x: torch.Tensor, state) -> torch.Tensor:
     """mamba2.Mamba2Mixer's forward for one token per row: x [b, 1, d] -> [b, 1, d]; ``state`` (a
     cache.Mamba2State, contiguous) is updated in place. fp32 between the projections (the op-by-op path
     rounds y to the model dtype before out_proj)."""
-    conv, ssm = state.conv, state.ssm
-    if not (conv.is_contiguous() and ssm.is_contiguous() and ssm.dtype == torch.float32 and conv.dtype in _DTYPES):
-        raise ValueError("the decode kernels need a contiguous Mamba-2 state (conv fp32/bf16, ssm fp32) as "
-                         "HybridLM.new_cache allocates it")
+    conv, ssm = _state_buffers(state, "Mamba-2")
     x = x.contiguous()
     b, _, d = x.shape
     out = torch.empty_like(x)

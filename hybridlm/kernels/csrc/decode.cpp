@@ -80,6 +80,16 @@ inline vf hsum16(const vf* v) {
 
 inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
+// One channel's causal conv step + SiLU: the window conv_state[s0 .. s0 + k - 1) (oldest first, fp32 or bf16)
+// shifts left and takes xin; returns silu(conv_b + the window and xin times conv_w [k]).
+inline float conv_step(void* conv_state, bool s16, int64_t s0, const float* w, float bias, float xin, int64_t k) {
+    float acc = bias + xin * w[k - 1];
+    for (int64_t j = 0; j < k - 1; ++j) acc += get(conv_state, s0 + j, s16) * w[j];
+    for (int64_t j = 0; j + 1 < k - 1; ++j) put(conv_state, s0 + j, get(conv_state, s0 + j + 1, s16), s16);
+    if (k > 1) put(conv_state, s0 + k - 2, xin, s16);
+    return acc * sigmoidf(acc);
+}
+
 // One channel's state step over its n states (a decode step):
 //     h[j] = a_j * h[j] + du * B[j],  a_j = exp(delta * A[j]) (Mamba-1: A a row of [d_in, n]) or `decay`
 //     (Mamba-2: A null, one decay per head); returns sum_j h[j] * C[j]. On AVX2 without AVX-512, 8 lanes
@@ -712,13 +722,8 @@ void hybridlm_mamba2_step(const void* x, void* out, int act_bf16, const Mat* w_i
         split(conv_dim, t, nt, W, c0, c1);
         for (int64_t bi = 0; bi < b; ++bi)
             for (int64_t c = c0; c < c1; ++c) {
-                const float xin = zx[bi * proj + d_in + c];
-                const int64_t s0 = (bi * conv_dim + c) * (k - 1);
-                float acc = (conv_b ? conv_b[c] : 0.0f) + xin * conv_w[c * k + k - 1];
-                for (int64_t j = 0; j < k - 1; ++j) acc += get(conv_state, s0 + j, s16) * conv_w[c * k + j];
-                for (int64_t j = 0; j + 1 < k - 1; ++j) put(conv_state, s0 + j, get(conv_state, s0 + j + 1, s16), s16);
-                if (k > 1) put(conv_state, s0 + k - 2, xin, s16);
-                xc[bi * conv_dim + c] = acc * sigmoidf(acc);
+                xc[bi * conv_dim + c] = conv_step(conv_state, s16, (bi * conv_dim + c) * (k - 1), conv_w + c * k,
+                                                  conv_b ? conv_b[c] : 0.0f, zx[bi * proj + d_in + c], k);
             }
 #pragma omp single
         for (int64_t bi = 0; bi < b; ++bi)
@@ -794,12 +799,8 @@ void mamba_tokens(const void* x, void* out, int act_bf16,
             for (int64_t c = c0; c < c1; ++c) {
                 const float xin = xz[bi * 2 * d_in + c];
                 if (trail_u) trail_u[bi * d_in + c] = xin;
-                const int64_t s0 = (bi / tokens * d_in + c) * (k - 1);
-                float acc = (conv_b ? conv_b[c] : 0.0f) + xin * conv_w[c * k + k - 1];
-                for (int64_t j = 0; j < k - 1; ++j) acc += get(conv_state, s0 + j, s16) * conv_w[c * k + j];
-                for (int64_t j = 0; j + 1 < k - 1; ++j) put(conv_state, s0 + j, get(conv_state, s0 + j + 1, s16), s16);
-                if (k > 1) put(conv_state, s0 + k - 2, xin, s16);
-                u[bi * d_in + c] = acc * sigmoidf(acc);
+                u[bi * d_in + c] = conv_step(conv_state, s16, (bi / tokens * d_in + c) * (k - 1), conv_w + c * k,
+                                             conv_b ? conv_b[c] : 0.0f, xin, k);
             }
 #pragma omp barrier
         // dt, B, C = x_proj(u), then their RMSNorms
