@@ -326,13 +326,9 @@ class DecodePlan:
             state = cache.kernel_view()[0][i]
             if layer.kind == "mamba2":
                 m = layer.mamba
-                small = [None if t is None else t.detach().float().contiguous()
-                         for t in _mamba2_small(*_mamba2_sources(m))]
+                small = self._small(m, _mamba2_small(*_mamba2_sources(m)))
                 lims = torch.tensor(m.dt_limit, dtype=torch.float32)
-                self.keep += small + [lims]
-                for mod in m.modules():
-                    for name in mod._parameters:
-                        self._p(mod, name)
+                self.keep.append(lims)
                 rec.update(mixer=2, m2_w_in=self._m(m.in_proj), m2_w_out=self._m(m.out_proj), m2_lims=lims.data_ptr(),
                            m2_group=m.norm.group, m2_conv=self._state(i, state, "conv"), m2_conv_bf16=_is16(state.conv),
                            m2_ssm=self._state(i, state, "ssm"), m2_h=m.h, m2_p=m.p, m2_g=m.g, m2_n=m.n, m2_k=m.k,
@@ -340,12 +336,7 @@ class DecodePlan:
                                                                       "D", "norm_w"), small)})
             elif layer.kind == "mamba":
                 m = layer.mamba
-                small = [None if t is None else t.detach().float().contiguous()
-                         for t in _mamba_small(*_mamba_sources(m))]
-                self.keep += small
-                for mod in m.modules():                   # the fp32 copies above derive from all of them
-                    for name in mod._parameters:
-                        self._p(mod, name)
+                small = self._small(m, _mamba_small(*_mamba_sources(m)))
                 rec.update(mixer=0, w_in=self._m(m.in_proj), w_x=self._m(m.x_proj), w_dt=self._m(m.dt_proj),
                            w_out=self._m(m.out_proj),
                            conv=self._state(i, state, "conv"), conv_bf16=_is16(state.conv),
@@ -387,6 +378,16 @@ class DecodePlan:
             if not t.is_contiguous():
                 raise ValueError(f"the decode plan needs contiguous weights; {name} of {type(module).__name__} is not")
         return 0 if t is None else t.data_ptr()
+
+    def _small(self, mixer, tensors) -> list:
+        """fp32 contiguous copies of a mixer's small parameters (``tensors``, derived from them), kept alive
+        for the records; every parameter of the mixer is watched, as the copies derive from them."""
+        small = [None if t is None else t.detach().float().contiguous() for t in tensors]
+        self.keep += small
+        for mod in mixer.modules():
+            for name in mod._parameters:
+                self._p(mod, name)
+        return small
 
     def _m(self, layer) -> int:
         """Watch a linear or quantized layer's weight tensors; the address of its Mat."""
