@@ -132,6 +132,17 @@ def read_quantization(path: Path):
     return QuantScheme.from_config(d, source=str(path / "config.json"))
 
 
+def _quant_layout(path: Path) -> str:
+    """How a quantized checkpoint stores its integers: quant.LAYOUT, or "rows" (written before the tiles)."""
+    from .quant import LAYOUT
+    layout = read_json(path / "config.json")["quantization_config"].get("layout", "rows")
+    if layout not in ("rows", LAYOUT):
+        raise ValueError(f"{path / 'config.json'}: quantization_config has layout {layout!r}, which this version "
+                         f"of hybridlm does not read ({LAYOUT!r} or 'rows'); upgrade hybridlm or re-quantize the "
+                         f"original checkpoint with `hybridlm quantize`")
+    return layout
+
+
 def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_pickle: bool = False,
                     quantize=None):
     """See HybridLM.from_pretrained. ``quantize`` (a quant.QuantScheme or its spelling, e.g. "int4"):
@@ -153,9 +164,23 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", allow_
     _check_counts(cfg, path, hub_to_ours(cfg, _iter_tensors(files)))
     model, expected = meta_model(cfg, scheme)
     loaded, unexpected, mismatched = set(), [], []
+    rows = {} if stored is not None and _quant_layout(path) == "rows" else None   # layer -> its row tensors
     for name, get, shape in hub_to_ours(cfg, _iter_tensors(files)):     # a Granite/Bamba file's names -> ours
         layer_name, _, leaf = name.rpartition(".")
         layer = _submodule(model, layer_name)
+        if rows is not None and isinstance(layer, QuantLinear) and leaf in ("weight", "weight_scale", "weight_min"):
+            # a checkpoint written before the tiles (quant.py): a layer's tensors in rows, tiled once all read
+            part = rows.setdefault(layer_name, {})
+            part[leaf] = get().to(device, copy=True)
+            need = ("weight", "weight_scale") + (("weight_min",) if layer.weight_min is not None else ())
+            if all(k in part for k in need):
+                try:
+                    part = rows.pop(layer_name)
+                    layer.set_packed_rows(*(part.get(k) for k in ("weight", "weight_scale", "weight_min")))
+                    loaded.update(f"{layer_name}.{k}" for k in need)
+                except (ValueError, RuntimeError) as e:
+                    mismatched.append(f"{layer_name}: {e}")
+            continue
         if stored is None and isinstance(layer, QuantLinear) and leaf == "weight":
             # a float weight for a quantized layer: quantize it now, straight from the file map
             if shape != (layer.out_features, layer.in_features):

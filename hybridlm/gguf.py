@@ -540,8 +540,7 @@ def _fill_quant(layer, part: GGUFTensor, name: str, path):
     blocks = np.ascontiguousarray(part.data).reshape(o, k // 32, 2 + qbytes)
     scale = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0]).float()
     q = torch.from_numpy(blocks[..., 2:].copy()).reshape(o, k // 32 * qbytes)
-    layer.weight = q.view(torch.int8) if part.type == "Q8_0" else q
-    layer.weight_scale, layer.weight_min = scale, None
+    layer.set_packed_rows(q.view(torch.int8) if part.type == "Q8_0" else q, scale)
 
 
 def a_log_from_a(A: torch.Tensor, dtype: torch.dtype, what: str = "ssm_a") -> torch.Tensor:

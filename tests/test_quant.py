@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hybridlm import HybridLM, preset
 from hybridlm.cli import main as cli_main
 from hybridlm.kernels import build, decode_cpu
-from hybridlm.quant import (QuantLinear, QuantScheme, pack_int4, quantize_activations, quantize_model, scheme_of,
+from hybridlm.quant import (QuantLinear, QuantScheme, quantize_activations, quantize_model, scheme_of, tile, untile,
                             unpack_int4)
 
 from .conftest import randomize_
@@ -50,11 +50,33 @@ def tiny(layout="mMaM", seed=0, **kw):
 
 
 # ---- the format ---------------------------------------------------------------------------------------
-def test_pack_unpack_int4_roundtrip_and_nibble_order():
-    q = torch.randint(0, 16, (3, 64), generator=gen(), dtype=torch.uint8)
-    p = pack_int4(q)
-    assert p.shape == (3, 32) and torch.equal(unpack_int4(p), q)
-    # byte j of a 32-column block: column j in the low nibble, column j + 16 in the high one (mat.h)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("o", [13, 24])
+def test_tiles_roundtrip_and_byte_order(bits, o):
+    """tile / untile are inverses, and the bytes sit where mat.h says (rows past o are zero)."""
+    q = (torch.randint(-127, 128, (o, 96), generator=gen(), dtype=torch.int8) if bits == 8 else
+         torch.randint(0, 16, (o, 96), generator=gen(), dtype=torch.uint8))
+    s = torch.rand(o, 3, generator=gen(1))
+    w, ts, tm = tile(q, s, s + 1, bits)
+    assert w.shape == (-(-o // 8), 3, 32 * bits) and ts.shape == (-(-o // 8), 3, 8)
+    q2, s2, m2 = untile(w, ts, tm, o, bits)
+    assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(m2, s + 1)
+    t, blk, i = 1, 2, 3                                   # row 11, columns 64..95
+    for sb, j in [(0, 0), (1, 2), (3, 3)]:
+        byte = int(w[t, blk, 32 * sb + 4 * i + j])
+        if bits == 8:
+            assert byte == int(q[8 * t + i, 32 * blk + 4 * sb + j])
+        else:
+            assert byte == int(q[8 * t + i, 32 * blk + 8 * sb + j]) | int(q[8 * t + i, 32 * blk + 8 * sb + 4 + j]) << 4
+    assert ts[1, 2, 3] == s[11, 2]
+    assert not untile(w, ts, tm, w.shape[0] * 8, bits)[0][o:].any()
+
+
+def test_unpack_int4_q4_0_nibble_order():
+    """GGUF's Q4_0 rows (and checkpoints before the tiles): byte j = column j | column j + 16 << 4."""
+    p = torch.randint(0, 256, (3, 32), generator=gen(), dtype=torch.uint8)
+    q = unpack_int4(p)
+    assert q.shape == (3, 64)
     assert int(p[0, 0]) == int(q[0, 0]) | int(q[0, 16]) << 4
     assert int(p[1, 17]) == int(q[1, 33]) | int(q[1, 49]) << 4
 
@@ -65,7 +87,7 @@ def test_quantization_error_within_half_a_step(spec):
     s = QuantScheme.parse(spec)
     w, deq = lin.weight.float(), q.dequantize_ref()
     assert deq.shape == w.shape
-    step = q.weight_scale.float().abs().repeat_interleave(q.group, 1)[:, :100]
+    step = q.rows()[1].float().abs().repeat_interleave(q.group, 1)[:, :100]
     err = (deq - w).abs()
     if s.bits == 4 and s.symmetric:
         # the group's largest magnitude maps to -8 exactly; the other side may clip by up to one step
@@ -79,15 +101,19 @@ def test_quantization_error_within_half_a_step(spec):
 def test_int8_matches_per_channel_recipe():
     lin, q = layer(64, 8, "int8")
     s = lin.weight.abs().amax(1) / 127
-    assert torch.allclose(q.weight_scale[:, 0], s)
-    assert torch.equal(q.weight, torch.round(lin.weight / s[:, None]).to(torch.int8))
+    qr, sr, _ = q.rows()
+    assert torch.allclose(sr[:, 0], s)
+    assert torch.equal(qr, torch.round(lin.weight / s[:, None]).to(torch.int8))
 
 
 # ---- kernels vs the reference twin -----------------------------------------------------------------------
 @pytest.mark.parametrize("spec", SCHEMES)
 @pytest.mark.parametrize("k", [32, 100, 160, 512])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64, 129, 257])
-def test_linear_kernel_matches_reference(spec, k, rows):
+@pytest.mark.parametrize("rows,limit", [(r, None) for r in (1, 2, 3, 4, 5, 64, 129, 257)] +
+                         [(r, 4) for r in (5, 64, 257)])
+def test_linear_kernel_matches_reference(spec, k, rows, limit, monkeypatch):
+    if limit is not None:           # the dequantize + GEMM path above the kernel's rows (on CPUs with fast bf16)
+        monkeypatch.setattr(decode_cpu, "quant_rows", lambda layer: limit)
     lin, q = layer(k, 37, spec, seed=k + rows, bias=True)
     x = torch.randn(rows, 1, k, generator=gen(rows))
     x[0, 0, :32] = 0                                 # an all-zero block must not divide by zero
@@ -104,13 +130,54 @@ def test_linear_kernel_matches_reference(spec, k, rows):
     assert (out - exact).abs().max() <= (2e-2 if QuantScheme.parse(spec).symmetric else 5e-2) * exact.abs().max()
 
 
+_PORTABLE_CHECK = """
+import torch
+from hybridlm import kernels
+from hybridlm.kernels import build
+from hybridlm.quant import QuantLinear, QuantScheme
+torch.set_num_threads(2)
+for spec in {schemes!r}:
+    for k, o, rows in [(100, 37, 1), (160, 24, 3), (512, 9, 5)]:
+        g = torch.Generator().manual_seed(k + rows)
+        lin = torch.nn.Linear(k, o)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(o, k, generator=g))
+        q = QuantLinear.from_linear(lin, QuantScheme.parse(spec))
+        x = torch.randn(rows, k, generator=g)
+        ref = q.product_ref(x) + q.bias
+        with torch.no_grad():
+            out = kernels.linear_step(x, q, q.bias)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (spec, k, rows)
+        assert torch.equal(q.dequantize(torch.float32), q.dequantize_ref()) or not q.scheme.symmetric
+        assert (q.dequantize(torch.float32) - q.dequantize_ref()).abs().max() <= 2e-7 * q.dequantize_ref().abs().max()
+assert build.info["isa"] == "-march=x86-64-v2", build.info
+assert "portable C++" in kernels.report()["quantized weights"]
+print("portable ok")
+"""
+
+
+def test_portable_kernels_match_reference(tmp_path):
+    """The kernels built without AVX (what ARM and older x86 CPUs run: the #else paths) against the reference."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("builds for -march=x86-64-v2")
+    env = {**os.environ, "HYBRIDLM_KERNEL_MARCH": "x86-64-v2", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK.format(schemes=SCHEMES)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-3000:]
+
+
 def test_product_reference_is_the_integer_recipe():
     """product_ref by hand for one row and one 32-column block: x quantized with max|x| / 127."""
     _, q = layer(32, 1, "int8", seed=3)
     x = torch.randn(1, 32, generator=gen(4))
     d = x.abs().max() / 127
     xq = torch.round(x * (1 / d))
-    want = (xq * q.weight.float()).sum() * d * q.weight_scale.float()[0, 0]
+    qr, sr, _ = q.rows()
+    want = (xq * qr.float()).sum() * d * sr.float()[0, 0]
     assert torch.allclose(q.product_ref(x)[0, 0], want, rtol=1e-6)
 
 
@@ -129,7 +196,8 @@ def test_dequantize_kernel_matches_reference(spec, dtype):
 def test_kernels_report_the_quantized_path():
     from hybridlm import kernels
     r = kernels.report()["quantized weights"]
-    assert build.info["isa"] in r and "decode kernels" in r
+    assert build.info["isa"] in r and "C++ kernels" in r
+    assert ("bf16 GEMMs" in r) == kernels._FAST_BF16          # which path prompts take
 
 
 # ---- whole models -----------------------------------------------------------------------------------------
@@ -188,6 +256,38 @@ def test_save_load_roundtrip_exact(tmp_path):
     assert all(torch.equal(sd1[k], sd2[k]) and sd1[k].dtype == sd2[k].dtype for k in sd1)
     ids = torch.randint(0, q.config.vocab_size, (1, 12), generator=gen())
     assert torch.equal(q(ids), r(ids))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g64:asym", "int4:g32"])
+def test_checkpoint_in_rows_from_before_the_tiles_loads(tmp_path, spec):
+    """A checkpoint written before the tiles (rows: packed int4 [o, ld / 2], scales [o, groups], no "layout")
+    loads into the same model; an unknown layout is refused with what to do."""
+    from hybridlm.safetensors_io import SafeTensorsFile, save_file
+    q = quantize_model(tiny("mMaM"), spec)
+    q.save_pretrained(tmp_path / "q")
+    sf = SafeTensorsFile(tmp_path / "q" / "model.safetensors")
+    tensors = {k: sf.get(k).clone() for k in sf.keys()}
+    for name, m in q.named_modules():
+        if isinstance(m, QuantLinear):
+            rows, scale, mins = m.rows()
+            if m.scheme.bits == 4:                    # Q4_0's order: byte j = column j | column j + 16 << 4
+                b = rows.view(rows.shape[0], -1, 2, 16)
+                rows = (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(rows.shape[0], -1)
+            tensors.update({f"{name}.weight": rows.contiguous(), f"{name}.weight_scale": scale.contiguous()})
+            if mins is not None:
+                tensors[f"{name}.weight_min"] = mins.contiguous()
+    save_file(tensors, tmp_path / "q" / "model.safetensors")
+    cfg_file = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    assert cfg["quantization_config"].pop("layout") == "tiles8"
+    cfg_file.write_text(json.dumps(cfg))
+    r = HybridLM.from_pretrained(tmp_path / "q")
+    sd1, sd2 = q.state_dict(), r.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    cfg["quantization_config"]["layout"] = "columns4"
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="layout 'columns4'.*re-quantize"):
+        HybridLM.from_pretrained(tmp_path / "q")
 
 
 def test_quantize_while_loading_equals_quantize_after(tmp_path):

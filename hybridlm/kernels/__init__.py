@@ -119,9 +119,11 @@ def _report() -> dict:
             "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
                       f"{'one C++ call per step through all layers for Jamba- and Granite-4.0-H-style layers (Mamba-1, Mamba-2, attention without RoPE/window, the Granite multipliers, shared experts), speculative verify chunks of up to 8 rows x tokens included (Mamba-1 models), else fused C++ steps per layer (Mamba-1 and Mamba-2 mixers, MLP, MoE, attention over the cache, RMSNorm, linear), as for layers with a mixer or a feed-forward alone (Nemotron-H), relu2 MLPs or RoPE' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
-            "quantized weights": (f"int8/int4 times int8 activations in the decode kernels "
+            "quantized weights": (f"int8/int4 (tiles of 8 rows) times int8 activations in the C++ kernels "
                                   f"({'AVX2 integer dot products' if 'AVX' in build.info['isa'] else 'portable C++'}), "
-                                  "dequantized by a C++ pass for prefill GEMMs" if _cpu_error is None else
+                                  + ("for prompts too (no fast bf16 GEMM here)" if not _FAST_BF16 else
+                                     f"for up to {decode_cpu.QUANT_ROWS} rows (by bits), longer prompts dequantized "
+                                     f"by a C++ pass for bf16 GEMMs") if _cpu_error is None else
                                   "torch dequantization + GEMM (C++ kernels unavailable)"),
             "bf16 GEMMs (prefill)": ("torch bf16" if _FAST_BF16 else
                                      "upcast to fp32 (this CPU has no AVX512-BF16/AMX: torch's bf16 GEMM is ~5x "

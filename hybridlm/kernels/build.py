@@ -26,8 +26,11 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("selective_scan.cpp", "causal_conv1d.cpp", "decode.cpp", "elementwise.cpp", "flash_attn.cpp", "quant.cpp")
-# -march=native: the vectors in csrc/simd.h become AVX-512 or AVX2 as the CPU allows
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# -march=native: the vectors in csrc/simd.h become AVX-512 or AVX2 as the CPU allows. HYBRIDLM_KERNEL_MARCH
+# builds for another target instead (e.g. x86-64-v2: no AVX, the portable paths an ARM or older CPU runs;
+# tests/test_quant.py builds it to test those paths here)
+MARCH = os.environ.get("HYBRIDLM_KERNEL_MARCH", "native")
+FLAGS = ("-O3", f"-march={MARCH}", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # argument types of each exported function (pointers, then sizes, then threads)
@@ -144,6 +147,8 @@ def load() -> ctypes.CDLL:
         raise KernelUnavailable(f"loading {out} failed: {e}") from e
     flags = _cpu_id().split()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    if MARCH != "native":
+        isa = f"-march={MARCH}"
     info.update(path=str(out), build_seconds=seconds, compiler=cxx, isa=isa)
     _lib = lib
     return lib

@@ -24,17 +24,19 @@ from .build import ptr
 from .elementwise_cpu import rmsnorm_cpu
 
 MAX_ROWS = 4   # rows per call; more rows reuse each weight enough for torch's matmul to win
-# rows per call for a quantized linear layer alone, by weight bits: the kernel streams each packed weight row
-# once per L2-sized tile of rows, where the GEMM path first expands the whole matrix to fp32 (a 37-token
-# prompt through the int4 3B shape: 8.8 s that way, most of it dequantization). Where the two cross
-# (4096 x 2560 weight, one thread, CPU time; Zen 3 AVX2): int8 ~200 rows, int4 ~400 rows (at 512 rows the
-# GEMM is 1.0-1.1x faster for int4, ~1.4x for int8).
+# rows per call for a quantized linear layer alone: up to these the integer kernel, above them dequantization
+# + GEMM. Where torch's GEMMs run in fp32 (CPUs without fast bf16 GEMMs: kernels.gemm_dtype) the kernel's
+# 8-row tiles win at every size (8192 x 2560 weight, 2 threads, Zen 3: int4 g32 at 64 / 256 / 512 rows 171 /
+# 230 / 202 GOP/s, dequantize + fp32 GEMM 36 / 91 / 115; int8 99 / 174 / 154 against 44 / 103 / 120), so there
+# is no limit. With fast bf16 GEMMs (AVX512-BF16, AMX) the crossover is not measured yet: the limits are those
+# the row-by-row kernel had before the tiles against fp32 GEMMs (int8 ~200 rows, int4 ~400 on Zen 3).
 QUANT_ROWS = {8: 128, 4: 256}
 
 
 def quant_rows(layer) -> int:
     """The most rows the integer kernel takes for this quantized layer (see QUANT_ROWS)."""
-    return QUANT_ROWS[layer.scheme.bits]
+    from . import _FAST_BF16
+    return QUANT_ROWS[layer.scheme.bits] if _FAST_BF16 else 1 << 40
 
 
 _DTYPES = (torch.float32, torch.bfloat16)

@@ -141,7 +141,7 @@ void mamba_tokens(const void* x, void* out, int act_bf16, const Mat* w_in, const
                   int64_t rows, int64_t tokens, float* trail_u, float* trail_ssm, int64_t d, int64_t d_in, int64_t n,
                   int64_t r, int64_t k, int threads);
 
-constexpr int RB = 4;   // split rows between threads in multiples of this
+constexpr int RB = 8;   // split rows between threads in multiples of this (a quantized tile's rows)
 constexpr int BB = 4;   // batch rows per pass over a quantized weight row
 constexpr int BF = 8;   // batch rows per pass over an fp32/bf16 weight row (a speculative verify chunk's 8)
 constexpr int64_t X_TILE_BYTES = 96 * 1024;   // quantized x rows kept in L2 per pass over the weights
@@ -300,35 +300,52 @@ void gemv_rows(const T* w, const float* bias, const float* x, float* out, int64_
     }
 }
 
-// Quantized rows (mat.h) multiply int8 activations, as llama.cpp does: each row of x is cut into blocks of
-// 32 columns, each block quantized to int8 with its own scale dx = max|x| / 127 (q = round(x / dx)), and a
-// block's product is an exact integer dot, times dx * the weight's scale:
+// Quantized weights (mat.h: tiles of 8 rows) multiply int8 activations, as llama.cpp does: each row of x is
+// cut into blocks of 32 columns, each block quantized to int8 with its own scale dx = max|x| / 127 (q =
+// round(x / dx)), and a block's product is an exact integer dot, times dx * the weight's scale:
 //     int8 / symmetric int4 (w = (q - 8) s)     sum_blocks  dx s * sum_c wq_c xq_c        (wq signed)
 //     asymmetric int4 (w = q s + min)            sum_blocks  dx s * sum_c q_c xq_c + min * dx * sum_c xq_c
 // quant.py's QuantLinear.product_ref is the reference twin (same rounding, same integers).
 struct QX {            // x [b, ld] quantized per 32-column block
     std::vector<int8_t> q;
-    std::vector<int8_t> pair;    // int4 weights only: q with each pair of blocks A, B as [A 0-15, B 0-15, A 16-31, B 16-31]
     std::vector<float> d, sum;   // [b, ld / 32]: the block's scale, and dx * its sum of xq (asymmetric weights)
-    std::vector<float> dpair;    // int4: [b, ld / 32, 4]: per block pair, A's scale x4 then B's x4 (lanes of the pair's sums)
-    std::vector<int32_t> corr;   // int4: [b, ld / 32, 4]: per block pair, 8 * sum(xq) of A in lane 0, of B in lane 4
-    std::vector<float> spair;    // int4: [b, ld / 32, 4]: per block pair, A's `sum` in lane 0, B's in lane 4
+    std::vector<int32_t> corr;   // [b, ld / 32]: 8 * the block's sum of xq (symmetric int4's -8, per block)
 };
 
-inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, bool pairs, QX& out) {
+inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, QX& out) {
     const int64_t nb = ld / 32;
     out.q.assign(b * ld, 0);
     out.d.assign(b * nb, 0.0f);
     out.sum.assign(b * nb, 0.0f);
-    if (pairs) {
-        out.pair.resize(b * ld);
-        out.dpair.assign(b * nb * 4, 0.0f);
-        out.corr.assign(b * nb * 4, 0);
-        out.spair.assign(b * nb * 4, 0.0f);
-    }
+    out.corr.assign(b * nb, 0);
     for (int64_t j = 0; j < b; ++j)
         for (int64_t blk = 0; blk < nb; ++blk) {
             const int64_t c0 = blk * 32, c1 = std::min(k, c0 + 32);
+#ifdef __AVX2__
+            if (c1 - c0 == 32) {      // the same in AVX2 registers (cvtps rounds to nearest even, as nearbyint)
+                const float* xr = x + j * k + c0;
+                const __m256 sign = _mm256_set1_ps(-0.0f);
+                __m256 v[4], m = _mm256_setzero_ps();
+                for (int i = 0; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(xr + 8 * i)));
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                const float d = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h))) / 127.0f;
+                const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+                __m256i q[4], sum = _mm256_setzero_si256();
+                for (int i = 0; i < 4; ++i) sum = _mm256_add_epi32(sum, q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)));
+                // int32 -> int8, back in column order (the packs interleave 128-bit lanes)
+                const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + j * ld + c0),
+                                    _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+                const int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+                out.d[j * nb + blk] = d;
+                out.sum[j * nb + blk] = d * static_cast<float>(total);
+                out.corr[j * nb + blk] = 8 * total;
+                continue;
+            }
+#endif
             float amax = 0.0f;
             for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[j * k + c]));
             const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -339,151 +356,102 @@ inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, bool pa
             }
             out.d[j * nb + blk] = d;
             out.sum[j * nb + blk] = d * static_cast<float>(sum);
-            if (pairs) {         // block blk's lanes in its pair's sums: 0-3 (even blk) or 4-7 (odd)
-                const int64_t at = (j * nb + (blk & ~int64_t{1})) * 4 + (blk & 1) * 4;
-                for (int l = 0; l < 4; ++l) out.dpair[at + l] = d;
-                out.corr[at] = 8 * sum;
-                out.spair[at] = out.sum[j * nb + blk];
-            }
-        }
-    // int4 weights of two blocks are one 32-byte load whose low nibbles are columns 0-15 of both blocks and
-    // high nibbles columns 16-31 of both; x laid out to match takes the unpacking down to one AND and a shift
-    if (!pairs) return;
-    for (int64_t j = 0; j < b; ++j)
-        for (int64_t p = 0; p + 1 < nb; p += 2) {
-            const int8_t* src = out.q.data() + j * ld + p * 32;
-            int8_t* dst = out.pair.data() + j * ld + p * 32;
-            for (int h = 0; h < 2; ++h)
-                for (int blk = 0; blk < 2; ++blk) std::copy(src + blk * 32 + h * 16, src + blk * 32 + h * 16 + 16,
-                                                           dst + h * 32 + blk * 16);
+            out.corr[j * nb + blk] = 8 * sum;
         }
 }
-
-// the integer dot of weight block blk of row r with x block blk of batch row j
-template <int KIND, bool ASYM>
-inline int32_t block_dot(const Mat& m, int64_t r, int64_t blk, const int8_t* xq) {
-    int32_t acc = 0;
-    if (KIND == I8) {
-        const int8_t* w = static_cast<const int8_t*>(m.data) + r * m.ld + blk * 32;
-        for (int c = 0; c < 32; ++c) acc += w[c] * xq[c];
-    } else {
-        const uint8_t* w = static_cast<const uint8_t*>(m.data) + (r * m.ld + blk * 32) / 2;
-        for (int c = 0; c < 16; ++c) {
-            const int lo = w[c] & 15, hi = w[c] >> 4;
-            acc += (ASYM ? lo : lo - 8) * xq[c] + (ASYM ? hi : hi - 8) * xq[c + 16];
-        }
-    }
-    return acc;
-}
-
-#ifdef __AVX2__
-// 32 weights of a block as signed int8 (int8, symmetric int4) or unsigned 0..15 (asymmetric int4)
-template <int KIND, bool ASYM>
-inline __m256i block_w(const Mat& m, int64_t r, int64_t blk) {
-    if (KIND == I8)
-        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(m.data) + r * m.ld + blk * 32));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(m.data) +
-                                                                          (r * m.ld + blk * 32) / 2));
-    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
-    return ASYM ? q : _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-}
-
-// 8 int32 partial sums of the 32 products w_c x_c
-template <bool ASYM>
-inline __m256i dot32(__m256i w, __m256i x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    if (ASYM) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);            // w unsigned
-    // signed x signed: |w| (unsigned) times x carrying w's sign (maddubs takes one unsigned operand)
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
-}
-#endif
 
 inline float scale_of(const float* p, int64_t i) { return p[i]; }
 inline float scale_of(const bf16* p, int64_t i) { return bf2f(p[i]); }
 
-// s[j] = the product of row r with x row j, for NB rows (see above). One flat loop over the row's 32-column
-// blocks (a nested group loop ran 1 block per trip for groups of 32 and cost ~2x); group of block blk:
-// blk >> shift (groups of 32 * 2^shift columns; per channel: one group, shift past any block index).
-// Even and odd blocks add into separate sums: one chain would wait on the FMA's latency (~5 cycles) per
-// block.
+// A tile's 8 rows times NB rows of x: s[j * 8 + i] = the product of tile row i with x row j (mat.h's tile
+// layout; see above). Each step multiplies 4 bytes of every tile row (one 32-byte load) by the same 4 int8
+// activations broadcast to all 8 lanes, so lane i is row i's sum: no horizontal sums, and a block's 8 row
+// scales are one vector. int4: the nibbles are unsigned 0..15 (maddubs takes them as its unsigned operand);
+// a block's 8 maddubs add up in int16 (|.| <= 8 * 2 * 15 * 127 < 2^15) before one madd. int8: signed x
+// signed through |w| and x carrying w's sign, summed in int32 per step (2 * 127 * 127 leaves no room).
 template <int NB, int KIND, bool ASYM, typename S>
-inline void row_dot_q(const Mat& m, int64_t r, const int8_t* xq, const int8_t* xpair, const float* xd, const float* xs,
-                      const float* xdpair, const int32_t* xcorr, const float* xspair, int shift, float* s) {
+inline void tile_dot(const Mat& m, int64_t t, const int8_t* xq, const float* xd, const float* xs, const int32_t* xc,
+                     int shift, float* s) {
     const int64_t ld = m.ld, nb = ld / 32, ng = ld / m.group;
-    const S* sc = static_cast<const S*>(m.scale) + r * ng;
-    const S* mn = ASYM ? static_cast<const S*>(m.min) + r * ng : nullptr;
-    float off[NB] = {};
+    constexpr int TB = KIND == I8 ? 256 : 128;               // bytes per tile block
+    const uint8_t* w = static_cast<const uint8_t*>(m.data) + t * nb * TB;
+    const S* sc = static_cast<const S*>(m.scale) + t * ng * 8;
+    const S* mn = ASYM ? static_cast<const S*>(m.min) + t * ng * 8 : nullptr;
 #ifdef __AVX2__
-    __m256 tot0[NB], tot1[NB];
-    for (int j = 0; j < NB; ++j) tot0[j] = tot1[j] = _mm256_setzero_ps();
-    // one block into the sums `tot` (named per parity: an array indexed at run time lives on the stack)
-    auto step = [&](int64_t blk, __m256* tot) {
-        const float sw = scale_of(sc, blk >> shift);
-        const __m256i w = block_w<KIND, ASYM>(m, r, blk);
-        for (int j = 0; j < NB; ++j) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * ld + blk * 32));
-            tot[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32<ASYM>(w, xv)), _mm256_set1_ps(xd[j * nb + blk] * sw),
-                                     tot[j]);
-            if (ASYM) off[j] += scale_of(mn, blk >> shift) * xs[j * nb + blk];
-        }
+    auto scales = [](const S* p) __attribute__((always_inline)) {
+        if constexpr (std::is_same_v<S, float>) return _mm256_loadu_ps(p);
+        else return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
     };
-    int64_t blk = 0;
-    if constexpr (KIND == I4) {
-        // Two blocks per 32-byte load (QX::pair): lanes 0-3 of a block pair's int32 sums are block A's, 4-7
-        // block B's. The nibbles multiply x as unsigned 0..15 (one maddubs each; the two halves' int16 sums,
-        // |.| <= 4 * 15 * 127, add without saturating before one madd); symmetric weights' -8 offset is
-        // taken off per block as 8 * sum(xq) (QX::corr, the same for every row). Two pairs per trip into
-        // two sums: one chain would wait on the FMA's latency.
-        const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-        auto pair = [&](int64_t b2, __m256* tot) __attribute__((always_inline)) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint8_t*>(m.data) +
-                                                                                   (r * ld + b2 * 32) / 2));
-            const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            const __m256 sw = shift ? _mm256_set1_ps(scale_of(sc, b2 >> shift))
-                                    : _mm256_set_m128(_mm_set1_ps(scale_of(sc, b2 + 1)), _mm_set1_ps(scale_of(sc, b2)));
-            __m256 mv = _mm256_setzero_ps();
-            if (ASYM) mv = shift ? _mm256_set1_ps(scale_of(mn, b2 >> shift))
-                                 : _mm256_set_m128(_mm_set1_ps(scale_of(mn, b2 + 1)), _mm_set1_ps(scale_of(mn, b2)));
-            for (int j = 0; j < NB; ++j) {
-                const int8_t* xp = xpair + j * ld + b2 * 32;
-                __m256i i32 = _mm256_madd_epi16(_mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
-                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32)))), ones);
-                if (!ASYM) i32 = _mm256_sub_epi32(i32, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xcorr + (j * nb + b2) * 4)));
-                const __m256 d = _mm256_mul_ps(sw, _mm256_loadu_ps(xdpair + (j * nb + b2) * 4));
-                tot[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), d, tot[j]);
-                // asymmetric: + min * dx * sum(xq) per block, into lanes 0 and 4 of the same sums
-                if (ASYM) tot[j] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xspair + (j * nb + b2) * 4), tot[j]);
-            }
-        };
-        for (; blk + 3 < nb; blk += 4) {
-            pair(blk, tot0);
-            pair(blk + 2, tot1);
-        }
-        if (blk + 1 < nb) {
-            pair(blk, tot0);
-            blk += 2;
-        }
-    }
-    for (; blk + 1 < nb; blk += 2) {
-        step(blk, tot0);
-        step(blk + 1, tot1);
-    }
-    if (blk < nb) step(blk, tot0);
-    for (int j = 0; j < NB; ++j) s[j] = hsum_avx2(_mm256_add_ps(tot0[j], tot1[j])) + off[j];
-#else
-    for (int j = 0; j < NB; ++j) s[j] = 0.0f;
+    auto bcast = [](const int8_t* p) __attribute__((always_inline)) {
+        int32_t v;
+        std::memcpy(&v, p, 4);
+        return _mm256_set1_epi32(v);
+    };
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < nb; ++blk) {
-        const float sw = scale_of(sc, blk >> shift);
+        const uint8_t* wb = w + blk * TB;
+        __m256i isum[NB];
+        for (int j = 0; j < NB; ++j) isum[j] = _mm256_setzero_si256();
+        if constexpr (KIND == I4) {
+            const __m256i low = _mm256_set1_epi8(15);
+            for (int sb = 0; sb < 4; ++sb) {      // columns 8 sb + 0..3 (low nibbles), 8 sb + 4..7 (high)
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * sb));
+                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                for (int j = 0; j < NB; ++j) {
+                    const int8_t* xp = xq + j * ld + blk * 32 + 8 * sb;
+                    isum[j] = _mm256_add_epi16(isum[j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast(xp)),
+                                                                         _mm256_maddubs_epi16(hi, bcast(xp + 4))));
+                }
+            }
+            for (int j = 0; j < NB; ++j) {
+                isum[j] = _mm256_madd_epi16(isum[j], ones);
+                if (!ASYM) isum[j] = _mm256_sub_epi32(isum[j], _mm256_set1_epi32(xc[j * nb + blk]));
+            }
+        } else {
+            for (int sb = 0; sb < 8; ++sb) {      // columns 4 sb + 0..3
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * sb));
+                const __m256i a = _mm256_sign_epi8(v, v);
+                for (int j = 0; j < NB; ++j)
+                    isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(a, _mm256_sign_epi8(bcast(xq + j * ld + blk * 32 + 4 * sb), v)), ones));
+            }
+        }
+        const __m256 sw = scales(sc + (blk >> shift) * 8);
         for (int j = 0; j < NB; ++j) {
-            s[j] += xd[j * nb + blk] * sw * static_cast<float>(block_dot<KIND, ASYM>(m, r, blk, xq + j * ld + blk * 32));
-            if (ASYM) off[j] += scale_of(mn, blk >> shift) * xs[j * nb + blk];
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(sw, _mm256_set1_ps(xd[j * nb + blk])),
+                                     acc[j]);
+            if (ASYM) acc[j] = _mm256_fmadd_ps(scales(mn + (blk >> shift) * 8), _mm256_set1_ps(xs[j * nb + blk]), acc[j]);
         }
     }
-    for (int j = 0; j < NB; ++j) s[j] += off[j];
+    for (int j = 0; j < NB; ++j) _mm256_storeu_ps(s + 8 * j, acc[j]);
+#else
+    for (int j = 0; j < NB * 8; ++j) s[j] = 0.0f;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        const uint8_t* wb = w + blk * TB;
+        const int64_t G = (blk >> shift) * 8;
+        for (int i = 0; i < 8; ++i)
+            for (int j = 0; j < NB; ++j) {
+                const int8_t* x = xq + j * ld + blk * 32;
+                int32_t dot = 0;
+                for (int sb = 0; sb < (KIND == I8 ? 8 : 4); ++sb)
+                    for (int c = 0; c < 4; ++c) {
+                        const uint8_t byte = wb[sb * 32 + i * 4 + c];
+                        if (KIND == I8) dot += static_cast<int8_t>(byte) * x[4 * sb + c];
+                        else dot += (byte & 15) * x[8 * sb + c] + (byte >> 4) * x[8 * sb + 4 + c];
+                    }
+                if (KIND == I4 && !ASYM) dot -= xc[j * nb + blk];
+                s[j * 8 + i] += xd[j * nb + blk] * scale_of(sc, G + i) * static_cast<float>(dot);
+                if (ASYM) s[j * 8 + i] += scale_of(mn, G + i) * xs[j * nb + blk];
+            }
+    }
 #endif
 }
 
+// out[bj, r] (+ bias[r]) for output rows [r0, r1) and the b quantized rows of x: every tile that holds one of
+// those rows, NB <= BB rows of x per pass over it; lanes outside [r0, r1) are not written
 template <int KIND, bool ASYM, typename S>
 void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* out, int64_t ldo, int64_t b, int64_t r0,
                  int64_t r1) {
@@ -491,26 +459,26 @@ void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* out, int6
     int shift = 0;
     while ((int64_t{1} << shift) < per) ++shift;
     if ((int64_t{1} << shift) != per) shift = 62;      // not a power of 2: per channel, one group
-    float s[BB];
-    // many rows of x (prefill): tiles of x rows small enough to stay in L2 while every weight row of this
-    // thread passes over them (each weight row is read once per tile, from L1 for the tile's row groups)
-    const int64_t tile = std::max<int64_t>(BB, (X_TILE_BYTES / std::max<int64_t>(m.ld, 1)) / BB * BB);
-    for (int64_t t0 = 0; t0 < b; t0 += tile)
-    for (int64_t r = r0; r < r1; ++r)
-        for (int64_t b0 = t0; b0 < std::min(b, t0 + tile); b0 += BB) {
+    float s[BB * 8];
+    // many rows of x (prefill): tiles of x rows small enough to stay in L2 while every weight tile of this
+    // thread passes over them (each weight tile is read once per x tile)
+    const int64_t xt = std::max<int64_t>(BB, (X_TILE_BYTES / std::max<int64_t>(m.ld, 1)) / BB * BB);
+    for (int64_t t0 = 0; t0 < b; t0 += xt)
+    for (int64_t t = r0 / 8; t * 8 < r1; ++t)
+        for (int64_t b0 = t0; b0 < std::min(b, t0 + xt); b0 += BB) {
             const int64_t n = std::min<int64_t>(BB, b - b0);
-            const int8_t *xq = qx.q.data() + b0 * m.ld, *xp = qx.pair.data() + b0 * m.ld;
+            const int8_t* xq = qx.q.data() + b0 * m.ld;
             const float *xd = qx.d.data() + b0 * nb, *xs = qx.sum.data() + b0 * nb;
-            const float* xdp = qx.dpair.data() + b0 * nb * 4;
-            const int32_t* xc = qx.corr.data() + b0 * nb * 4;
-            const float* xsp = qx.spair.data() + b0 * nb * 4;
+            const int32_t* xc = qx.corr.data() + b0 * nb;
             switch (n) {
-                case 1: row_dot_q<1, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
-                case 2: row_dot_q<2, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
-                case 3: row_dot_q<3, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
-                default: row_dot_q<4, KIND, ASYM, S>(m, r, xq, xp, xd, xs, xdp, xc, xsp, shift, s); break;
+                case 1: tile_dot<1, KIND, ASYM, S>(m, t, xq, xd, xs, xc, shift, s); break;
+                case 2: tile_dot<2, KIND, ASYM, S>(m, t, xq, xd, xs, xc, shift, s); break;
+                case 3: tile_dot<3, KIND, ASYM, S>(m, t, xq, xd, xs, xc, shift, s); break;
+                default: tile_dot<4, KIND, ASYM, S>(m, t, xq, xd, xs, xc, shift, s); break;
             }
-            for (int64_t j = 0; j < n; ++j) out[(b0 + j) * ldo + r] = s[j] + (bias ? bias[r] : 0.0f);
+            const int64_t i0 = std::max(r0, t * 8), i1 = std::min(r1, t * 8 + 8);
+            for (int64_t j = 0; j < n; ++j)
+                for (int64_t r = i0; r < i1; ++r) out[(b0 + j) * ldo + r] = s[j * 8 + r - t * 8] + (bias ? bias[r] : 0.0f);
         }
 }
 
@@ -525,7 +493,7 @@ inline void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* ou
 inline void gemv_q(const Mat& w, const float* bias, const float* x, float* out, int64_t ldo, int64_t b, int64_t k,
                    int64_t r0, int64_t r1) {
     thread_local QX qx;
-    quantize_x(x, b, k, w.ld, w.kind == I4, qx);
+    quantize_x(x, b, k, w.ld, qx);
     if (w.kind == I8) gemv_rows_q<I8, false>(w, bias, qx, out, ldo, b, r0, r1);
     else if (w.min) gemv_rows_q<I4, true>(w, bias, qx, out, ldo, b, r0, r1);
     else gemv_rows_q<I4, false>(w, bias, qx, out, ldo, b, r0, r1);
@@ -556,13 +524,14 @@ extern "C" {
 // out [b, o] (fp32 or bf16) = x [b, k] (fp32 or bf16) @ w[o, k]^T (+ bias fp32 [o])
 void hybridlm_linear_step(const void* x, int act_bf16, const Mat* w, const float* bias, void* out,
                           int64_t b, int64_t k, int64_t o, int threads) {
-    std::vector<float> xf = load_act(x, b * k, act_bf16), of(b * o);
+    std::vector<float> xf = load_act(x, b * k, act_bf16), of(act_bf16 ? b * o : 0);
+    float* y = act_bf16 ? of.data() : static_cast<float*>(out);     // fp32: straight into out
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
         split(o, omp_get_thread_num(), omp_get_num_threads(), RB, r0, r1);
-        gemv(*w, bias, xf.data(), of.data(), o, b, k, r0, r1);
-        store_cols(out, of.data(), b, o, r0, r1, act_bf16);
+        gemv(*w, bias, xf.data(), y, o, b, k, r0, r1);
+        if (act_bf16) store_cols(out, y, b, o, r0, r1, act_bf16);
     }
 }
 

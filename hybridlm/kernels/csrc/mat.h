@@ -1,18 +1,19 @@
 // A weight matrix as the kernels read it: fp32, bf16, or weight-only quantized int8 / int4
 // (hybridlm/quant.py writes the quantized layouts; kernels/decode_cpu.py fills this struct).
 //
-//     kind     data                         value of element (row r, column c), group G = c / group
-//     F32      float  [o, ld]               data[r, c]
-//     BF16     bf16   [o, ld]               data[r, c]
-//     I8       int8   [o, ld]               q * scale[r, G]                       (symmetric)
-//     I4       uint8  [o, ld / 2]           (q - 8) * scale[r, G]                 (symmetric, min == null)
-//                                           q * scale[r, G] + min[r, G]           (asymmetric)
+// Quantized kinds are stored in tiles of 8 output rows (T = ceil(o / 8); quant.py's module docstring):
 //
-// int4 packs each block of 32 columns into 16 bytes: byte j holds column j in its low nibble and column
-// j + 16 in its high nibble (so one AND and one shift unpack 16 columns each; GGUF's Q4_0 blocks use
-// the same order). Quantized rows are padded with zero weights to ld, a multiple of the group (a
-// multiple of 32 for int4); `group` == ld means one scale per row. scale and min: [o, ld / group],
-// fp32 or bf16 (scale_bf16).
+//     kind     data                               value of element (row r = 8 t + i, column c = 32 blk + ...)
+//     F32      float  [o, ld]                     data[r, c]
+//     BF16     bf16   [o, ld]                     data[r, c]
+//     I8       int8   [T, ld / 32, 8 x 8 x 4]     byte (s, i, j) = q of column 4 s + j; q * scale
+//     I4       uint8  [T, ld / 32, 4 x 8 x 4]     byte (s, i, j) = q of column 8 s + j (low nibble) and of
+//                                                 8 s + 4 + j (high); (q - 8) * scale (symmetric, min ==
+//                                                 null) or q * scale + min (asymmetric)
+//
+// scale and min: [T, ld / group, 8] (row i of each group's 8), fp32 or bf16 (scale_bf16); `group` == ld
+// means one scale per row. Quantized rows are padded with zero weights to ld (a multiple of 32 and of the
+// group); the tile rows past o are zero.
 #pragma once
 
 #include <cstdint>
@@ -38,39 +39,34 @@ struct Mat {
     int64_t scale_bf16;  // scale and min are bf16 (else fp32)
 };
 
-typedef int8_t vs8 __attribute__((vector_size(W)));
-typedef uint8_t vu8 __attribute__((vector_size(W)));
-
-// W int8 values as fp32 lanes
-inline vf cvt_s8(const int8_t* p) {
-    vs8 v;
-    std::memcpy(&v, p, sizeof(v));
-    return __builtin_convertvector(v, vf);
-}
-
-// a 32-column int4 block (16 bytes) as its unsigned values 0..15: columns 0..15 and 16..31
-inline void cvt_u4(const uint8_t* p, vf& lo, vf& hi) {
-    vu8 v;
-    std::memcpy(&v, p, sizeof(v));
-    lo = __builtin_convertvector(v & 15, vf);
-    hi = __builtin_convertvector(v >> 4, vf);
+// the 32 integers of row i of tile t's block blk (int8: -127..127; int4: 0..15), into q
+inline void tile_q(const Mat& m, int64_t t, int64_t blk, int i, int32_t* q) {
+    const int64_t tb = m.kind == I8 ? 256 : 128;
+    const uint8_t* wb = static_cast<const uint8_t*>(m.data) + (t * (m.ld / 32) + blk) * tb + 4 * i;
+    for (int s = 0; s < (m.kind == I8 ? 8 : 4); ++s)
+        for (int j = 0; j < 4; ++j) {
+            const uint8_t v = wb[32 * s + j];
+            if (m.kind == I8) q[4 * s + j] = static_cast<int8_t>(v);
+            else q[8 * s + j] = v & 15, q[8 * s + 4 + j] = v >> 4;
+        }
 }
 
 #ifdef __AVX2__
-// The same conversions in AVX2 registers, 32 columns as four vectors of 8 (GCC splits the 16-lane vector
-// types above into stack round trips here, ~8x slower; AVX-512 CPUs take this path too).
-inline void q32_avx2(const int8_t* p, __m256 w[4]) {
-    for (int i = 0; i < 4; ++i)
-        w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i))));
-}
-
-inline void q32_avx2(const uint8_t* p, __m256 w[4]) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+// the same 32 integers as fp32, columns 8 k .. 8 k + 7 in w[k]
+inline void tile_q32_avx2(const Mat& m, int64_t t, int64_t blk, int i, __m256 w[4]) {
+    const int64_t tb = m.kind == I8 ? 256 : 128;
+    const uint8_t* wb = static_cast<const uint8_t*>(m.data) + (t * (m.ld / 32) + blk) * tb + 4 * i;
+    auto u32 = [](const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; };
+    for (int k = 0; k < 4; ++k) {
+        if (m.kind == I8) {
+            const __m128i b = _mm_set_epi32(0, 0, u32(wb + 32 * (2 * k + 1)), u32(wb + 32 * 2 * k));
+            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        } else {
+            const __m128i b = _mm_cvtsi32_si128(u32(wb + 32 * k)), low = _mm_set1_epi8(15);
+            const __m128i q = _mm_unpacklo_epi32(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+        }
+    }
 }
 
 inline float hsum_avx2(__m256 v) {
