@@ -7,8 +7,10 @@ SSM state ``[b, n_heads, head_dim, d_state]`` in fp32. Nothing grows by concaten
 
 Feed-forward-only layers (``f``/``F``, Nemotron-H's MLP layers) hold no state: their entry is None.
 
-``valid[b, s]`` marks which slots hold real tokens (False for left padding) and ``seen[b]`` counts the
-real tokens of each row, which is the position the next token has (RoPE).
+``valid[b, s]`` marks which slots hold real tokens (False for left padding, and for the holes speculative
+decoding leaves when rows keep different numbers of a verify chunk's tokens: ``Cache.rollback``) and
+``seen[b]`` counts the real tokens of each row, which is the position the next token has (RoPE). All rows
+share one write position ``pos``.
 """
 from __future__ import annotations
 
@@ -125,11 +127,6 @@ class Cache:
         kernel reads and writes in place (kernels/decode_cpu.py). Everything else goes through methods."""
         return self.layers, self.valid, self.pos
 
-    def _lead(self, row: int) -> int:
-        """Leading invalid slots of ``row`` (left padding, or slots before the row joined the batch)."""
-        valid = self.valid[row, :self.pos]
-        return int(valid.int().argmax()) if bool(valid.any()) else self.pos
-
     def _empty_like(self, batch: int, max_len: int) -> "Cache":
         """A zeroed cache with this one's layer kinds, shapes, dtypes and device, for ``batch`` x ``max_len``
         (what ``allocate`` builds for the same model)."""
@@ -154,16 +151,18 @@ class Cache:
         right-aligned, with ``room`` free positions: rows join and leave a running batch this way. Leading
         invalid slots of a row (left padding) are dropped, so the batch is as long as its longest row, not
         as its history. Positions (RoPE) come from ``seen`` and are kept; the model reads the slots before
-        a shorter row as left padding."""
+        a shorter row as left padding. Holes a speculative rollback left (``holes_exact``: caches without
+        rings) are dropped too: a row's valid slots are copied side by side."""
         if not parts:
             raise ValueError("gather needs at least one row")
-        leads = [c._lead(r) for c, r in parts]
-        lengths = [c.pos - lead for (c, _), lead in zip(parts, leads)]
+        real = [c.valid[r, :c.pos].nonzero()[:, 0] for c, r in parts]      # each row's slots of real tokens
+        lengths = [len(x) for x in real]
         p = max(lengths)
         out = parts[0][0]._empty_like(len(parts), p + room)
-        for j, ((c, r), lead, n) in enumerate(zip(parts, leads, lengths)):
-            o = p - n                          # slot shift: old slot s -> s - lead + o
-            out.valid[j, o:p] = c.valid[r, lead:c.pos]
+        for j, ((c, r), idx, n) in enumerate(zip(parts, real, lengths)):
+            o = p - n
+            lead = c.pos - n                   # (rings: no holes, so the row's slots are lead .. pos - 1)
+            out.valid[j, o:p] = True
             out.seen[j] = c.seen[r]
             for src, dst in zip(c.layers, out.layers):
                 if src is None:
@@ -172,8 +171,8 @@ class Cache:
                     dst.conv[j] = src.conv[r]
                     dst.ssm[j] = src.ssm[r]
                 elif src.window is None:
-                    dst.k[j, :, o:p] = src.k[r, :, lead:c.pos]
-                    dst.v[j, :, o:p] = src.v[r, :, lead:c.pos]
+                    dst.k[j, :, o:p] = src.k[r, :, idx.to(src.k.device)]
+                    dst.v[j, :, o:p] = src.v[r, :, idx.to(src.v.device)]
                 else:                          # ring buffers: slot s lives at index s % ring size
                     keep = min(src.k.shape[2], dst.k.shape[2], n)
                     slots = torch.arange(c.pos - keep, c.pos, device=src.k.device)
@@ -273,10 +272,26 @@ class Cache:
                 ring[i] = (idx, s.k[:, :, idx].clone(), s.v[:, :, idx].clone())
         return Checkpoint(self.pos, self.seen.clone(), span, mamba, ring, trails)
 
-    def rollback(self, ck: "Checkpoint", keep: int = 0) -> int:
+    def holes_exact(self) -> bool:
+        """Whether rows may keep different numbers of a verify chunk's tokens (``rollback`` with a count per
+        row): a row that keeps fewer than the most any row kept is left with a hole, slots marked invalid
+        (k/v zeroed) between its kept tokens and the next position, which attention skips as it skips left
+        padding. Exact where nothing else counts slots: full attention (RoPE positions come from ``seen``,
+        the count of valid tokens, so they ignore the hole) and Mamba-1 layers (their state is per row,
+        copied from the chunk's trail). Not where a local-attention ring holds the chunk (a hole would take
+        window slots: the row would see fewer real tokens) nor with Mamba-2 layers (no trail: the kept
+        tokens are run again, a chunk of one width for every row)."""
+        return all(s is None or type(s) is MambaState or (isinstance(s, KVState) and s.window is None)
+                   for s in self.layers)
+
+    def rollback(self, ck: "Checkpoint", keep: "int | torch.Tensor" = 0) -> "int | torch.Tensor":
         """Return, in place, to the state ``ck`` was taken in plus the first ``keep`` tokens of the forward
         that followed it; returns how many it kept. Slots past those are invalidated (and zeroed, so the
         buffers equal those of a cache that never saw the rejected tokens) and ring slots restored.
+
+        ``keep`` [b] (a count per row; different counts only where ``holes_exact`` and every Mamba layer
+        recorded a trail): ``pos`` ends after the most any row kept, and a row that kept fewer has a hole
+        of invalid, zeroed slots up to there (``holes_exact``); returns the counts kept, [b].
 
         Mamba states: with the checkpoint's trail (strategy 2 of issue 14) the SSM state after ``keep``
         tokens is a copy and the conv window is rebuilt from the recorded inputs, so all ``keep`` are kept.
@@ -286,39 +301,56 @@ class Cache:
         if not ck.pos <= self.pos <= ck.pos + ck.span:
             raise ValueError(f"checkpoint at position {ck.pos} (+{ck.span}) does not cover the cache's "
                              f"position {self.pos}")
-        if not 0 <= keep <= self.pos - ck.pos:
-            raise ValueError(f"cannot keep {keep} tokens: {self.pos - ck.pos} were written since the checkpoint")
+        per_row = isinstance(keep, torch.Tensor)
+        counts = keep.to("cpu", torch.long, copy=True) if per_row else torch.full((self.batch,), keep, dtype=torch.long)
+        written = self.pos - ck.pos
+        if counts.shape != (self.batch,) or not bool(((counts >= 0) & (counts <= written)).all()):
+            raise ValueError(f"cannot keep {counts.tolist() if per_row else keep} tokens: {written} were written "
+                             f"since the checkpoint (one count, or one per row of {self.batch})")
+        most = int(counts.max()) if self.batch else 0
         mambas = [s for s in self.layers if isinstance(s, MambaState)]
-        if keep and not (len(ck.trails) == len(mambas)
-                         and all(t.u is not None and keep <= t.u.shape[1] for t in ck.trails.values())
-                         and all(ck.span <= self.layers[i].k.shape[2] for i in ck.ring)):
-            keep = 0
-        end = ck.pos + keep
+        copies = (len(ck.trails) == len(mambas)
+                  and all(t.u is not None and most <= t.u.shape[1] for t in ck.trails.values())
+                  and all(ck.span <= self.layers[i].k.shape[2] for i in ck.ring))
+        if bool((counts != most).any()) and not (copies and self.holes_exact()):
+            raise ValueError("rows can keep different numbers of tokens only with full attention and Mamba-1 "
+                             "layers whose trails were recorded (Cache.holes_exact, checkpoint(trail=True))")
+        if most and not copies:
+            counts.zero_()
+            most = 0
+        end = ck.pos + most
+        values = counts.unique().tolist()
         for i, s in enumerate(self.layers):
             if isinstance(s, MambaState):
                 s.trail = None
                 conv, ssm = ck.mamba[i]
-                if keep == 0:
-                    s.conv.copy_(conv)
-                    s.ssm.copy_(ssm)
-                    continue
-                t = ck.trails[i]
-                s.ssm.copy_(t.ssm[:, keep] if keep < t.u.shape[1] else t.last)
-                window = torch.cat([conv, t.u.transpose(1, 2).to(conv.dtype)], -1)     # [b, d_in, k-1+l]
-                s.conv.copy_(window[:, :, keep:keep + conv.shape[2]])
+                t = ck.trails.get(i)
+                for c in values:
+                    rows = (counts == c).to(s.ssm.device)
+                    if c == 0:
+                        s.conv[rows], s.ssm[rows] = conv[rows], ssm[rows]
+                        continue
+                    s.ssm[rows] = t.ssm[rows, c] if c < t.u.shape[1] else t.last[rows]
+                    u = t.u[rows].transpose(1, 2).to(conv.dtype)                # [r, d_in, l]
+                    window = torch.cat([conv[rows], u], -1)                     # [r, d_in, k-1+l]
+                    s.conv[rows] = window[:, :, c:c + conv.shape[2]]
             elif s is None:
                 continue
             elif s.window is None:
-                s.k[:, :, end:self.pos] = 0
-                s.v[:, :, end:self.pos] = 0
+                for c in values:
+                    rows = (counts == c).to(s.k.device)
+                    s.k[rows, :, ck.pos + c:self.pos] = 0
+                    s.v[rows, :, ck.pos + c:self.pos] = 0
             else:
                 idx, k, v = ck.ring[i]
-                s.k[:, :, idx[keep:]] = k[:, :, keep:]
-                s.v[:, :, idx[keep:]] = v[:, :, keep:]
+                s.k[:, :, idx[most:]] = k[:, :, most:]
+                s.v[:, :, idx[most:]] = v[:, :, most:]
+        for c in values:
+            self.valid[(counts == c).to(self.valid.device), ck.pos + c:self.pos] = False
         self.valid[:, end:self.pos] = False
         self.seen.copy_(ck.seen + self.valid[:, ck.pos:end].sum(1))
         self.pos = end
-        return keep
+        return counts if per_row else most
 
 
 @dataclass

@@ -20,6 +20,11 @@ and leave the batch at any step: rows live in one cache, right-aligned, with the
 row marked invalid, which the model already treats as left padding (see ``generate.left_pad``);
 ``Cache.gather`` rebuilds that cache when the set of rows changes (``Batch.join`` / ``Batch.keep``).
 
+Speculative decoding (speculative.py): a job with ``speculative`` gets a drafter state for its rows
+(``Rows.spec``), which follows them through joins and regathers; each step the speculating groups draft,
+one verify forward checks the whole batch, and each row keeps its own count (holes in the cache, dropped
+at the next regather), while the other groups take one token as in a plain step.
+
 Prompt-state reuse (``prefix_cache``): each prompt starts from the longest stored prefix state; the
 states at message boundaries, at the end of each prompt and after each reply are stored. A client's
 prompt states are stored in its own part of the prefix cache (``_ScopedStore``). Each client may hold
@@ -41,6 +46,7 @@ from .cache import Cache
 from .chat_template import text_decoder
 from .generate import Sampling, StopCriteria, decode_step, sample
 from .prefix_cache import PrefillJob, PrefixCache, remember_reply
+from .speculative import Speculative, keep_verified, plan
 
 log = logging.getLogger("hybridlm.engine")
 
@@ -56,7 +62,11 @@ class Rows:
     delta)`` (the server's replies); without it text is decoded only to find stop strings.
     State read by ``generate.sample``, allocated on the first logits: ``seen`` [n, v] bool (prompt and
     generated tokens; with a repetition penalty), ``counts`` [n, v] (how often each token was generated;
-    with presence or frequency penalties); None when unused."""
+    with presence or frequency penalties); None when unused.
+
+    ``spec`` (speculative.py's ``SpecRun``, None: plain decoding): the group's drafting state, which follows
+    its rows as the batch is regathered. ``cache_ahead``: a row finished inside a speculative step whose
+    rows had to keep one count (``speculative.plan``), so its cache holds tokens past its reply."""
 
     def __init__(self, n: int, sampling: Sampling, stop: StopCriteria, max_new: int,
                  generator: torch.Generator | None = None, prompt: torch.Tensor | None = None,
@@ -69,7 +79,8 @@ class Rows:
         self.on_text = on_text
         self.tokens: list[list[int]] = [[] for _ in range(n)]   # per row: tokens accepted until it finished
         self.done = torch.zeros(n, dtype=torch.bool)
-        self.steps = 0                      # tokens accepted per row (finished rows included)
+        self.spec = None
+        self.cache_ahead = False
         self.seen: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
         self._prompt = (prompt, mask)
@@ -82,18 +93,25 @@ class Rows:
     def finish_reason(self, row: int) -> str | None:
         return self.readers[row].finish_reason
 
+    def remaining(self) -> torch.Tensor:
+        """Tokens each row may still be given [n] (0 once finished)."""
+        return torch.tensor([0 if d else self.max_new - len(t) for d, t in zip(self.done.tolist(), self.tokens)],
+                            dtype=torch.long)
+
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [n, v] -> tokens [n], drawn with every transform of ``sampling`` (``generate.sample``)."""
-        if not self._allocated:
-            self._allocate(logits)
+        self.allocate(logits)
         return sample(logits, self.sampling, self.generator, self.seen, self.counts)
 
-    def accept(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Record tokens [n] (one per row); returns them with -1 in rows finished before this step."""
-        out = tokens.masked_fill(self.done, -1)
-        self.steps += 1
-        for i, (was_done, t) in enumerate(zip(self.done.tolist(), tokens.tolist())):
-            if was_done:
+    def accept(self, tokens: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """Record tokens [n] (one per row; with ``given`` [n] bool only in those rows: speculative rows that
+        keep different counts); returns them with -1 in rows finished before or not given one."""
+        # (without ``given`` every row's penalty state takes its token, finished rows' too, as it always did)
+        counted = torch.arange(self.n) if given is None else given.cpu().nonzero()[:, 0]
+        given = ~self.done if given is None else given.cpu() & ~self.done
+        out = tokens.masked_fill(~given.to(tokens.device), -1)
+        for i, (take, t) in enumerate(zip(given.tolist(), tokens.tolist())):
+            if not take:
                 continue
             self.tokens[i].append(t)
             reader = self.readers[i]
@@ -105,14 +123,17 @@ class Rows:
                 self.on_text(i, delta)
             if reader.finish_reason is not None:
                 self.done[i] = True
-        rows = torch.arange(self.n)
+        rows = counted.to(tokens.device)
         if self.seen is not None:
-            self.seen[rows, tokens] = True
+            self.seen[rows, tokens[rows]] = True
         if self.counts is not None:
-            self.counts[rows, tokens] += 1
+            self.counts[rows, tokens[rows]] += 1
         return out
 
-    def _allocate(self, logits: torch.Tensor):
+    def allocate(self, logits: torch.Tensor):
+        """The penalties' state (``seen``, ``counts``) for logits [..., v], once."""
+        if self._allocated:
+            return
         s, (prompt, mask) = self.sampling, self._prompt
         v, device = logits.shape[-1], logits.device
         if s.repetition_penalty != 1.0:
@@ -128,18 +149,16 @@ class Batch:
     """Groups of ``Rows`` decoded together in one cache (each group owns consecutive rows, in order):
     ``step`` is the package's one decode step. ``last`` [B]: each row's last token, not yet in the
     cache. ``logits`` [B, v]: what the cache ended on, when the first step samples from them instead of
-    decoding (after a prefill). ``speculative`` (speculative.py's ``SpecRun``, one group only): each step
-    verifies drafted tokens in one forward and decides several."""
+    decoding (after a prefill). A group with ``Rows.spec`` (speculative.py) speculates: each step it drafts
+    tokens, one verify forward of the whole batch checks every group's drafts, and each of its rows keeps
+    its own number of tokens (``speculative.plan``); groups without it take one token per step as before."""
 
     def __init__(self, model, cache: Cache | None = None, groups: list[Rows] | None = None,
-                 logits: torch.Tensor | None = None, speculative=None):
+                 logits: torch.Tensor | None = None):
         self.model, self.cache, self.groups = model, cache, list(groups or [])
         self.logits = logits
         self.last: torch.Tensor | None = None
-        self.spec = speculative
-        if speculative is not None and len(self.groups) != 1:
-            raise ValueError("speculative decoding runs a batch of one group (one sampling, one generator)")
-        self._decided = 0               # tokens per row the last step decided
+        self._verified = None           # (checkpoint, chunk, counts kept, copy) of the last speculative step
 
     @property
     def rows(self) -> int:
@@ -149,12 +168,14 @@ class Batch:
     def step(self, failed: Callable[[int, Exception], None] | None = None) -> list[torch.Tensor]:
         """One step of every row: feed the last tokens (or take ``logits``), then each group samples and
         accepts its tokens. Returns what the step decided, a tensor [B] per position (-1 in rows finished
-        before it): one, or with speculation up to k + 1, ending where every row has finished.
+        before it, or given no token there): one, or with speculation up to k + 1 (a row's tokens are its
+        entries that are not -1, in order).
 
         ``failed(group, exception)``: called when a group's sampling or text raises; the other groups go
         on (the caller takes the failed group out). Without it the exception propagates."""
-        if self.spec is not None and self.logits is None:
-            return self._speculate()
+        self._verified = None
+        if self.logits is None and any(g.spec is not None for g in self.groups):
+            return self._speculate(failed)
         logits = self.logits if self.logits is not None else decode_step(self.model, self.cache, self.last)
         self.logits = None
         outs, last, o = [], [], 0
@@ -172,26 +193,120 @@ class Batch:
                 outs.append(torch.full_like(tokens, -1))
             last.append(tokens)
         self.last = torch.cat(last)
-        self._decided = 1
         return [torch.cat(outs)]
 
-    def _speculate(self) -> list[torch.Tensor]:
-        (g,) = self.groups
-        decided = self.spec.step(self.last, g.done, g.seen, g.generator, g.max_new - g.steps, g.counts)
-        outs = []
-        for tokens in decided:
-            outs.append(g.accept(tokens))
-            self.last = tokens
-            if g.finished:
-                break
-        self._decided = len(decided)
-        return outs
+    def _speculate(self, failed) -> list[torch.Tensor]:
+        """A speculative step (issue 14): every speculating group drafts for its rows; one verify forward of
+        the chunk [B, 1 + L] (a row's last token, its drafts, filler after a shorter draft); each group
+        verifies its rows with its own sampling and generator (a group that does not speculate samples its
+        one token from the first position, as a plain step does); rows keep their own counts where the
+        cache allows it (``speculative.plan``); the rest of the chunk is rolled back."""
+        cache, groups, starts = self.cache, self.groups, self._starts()
+        free = cache.max_len - cache.pos
+        rem = torch.cat([g.remaining() for g in groups])                  # [B]
+        active = torch.cat([~g.done for g in groups])
+        bad: set[int] = set()
 
-    def settle(self, taken: int):
-        """The consumer took ``taken`` of the tokens the last step decided per row: with speculation the
-        cache keeps only those, as plain decoding leaves it (every token taken but the last fed)."""
-        if self.spec is not None:
-            self.spec.settle(self._decided - taken)
+        def guard(i, fn, *args):
+            try:
+                return fn(*args)
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed(i, e)
+                bad.add(i)
+                return None
+
+        drafts = []
+        for i, g in enumerate(groups):
+            n, tok = g.n, self.last[starts[i]:starts[i] + g.n]
+            out = None
+            if g.spec is not None:
+                limit = (rem[starts[i]:starts[i] + n] - 1).clamp(0, min(g.spec.spec.k, free - 1))
+                out = guard(i, g.spec.propose, tok, limit, g.sampling, g.seen, g.generator, g.counts)
+            drafts.append(out or (tok.new_zeros(n, 0), tok.new_zeros(n), None))
+        L = max(d.shape[1] for d, _, _ in drafts)
+        chunk = torch.zeros(self.rows, 1 + L, dtype=torch.long, device=self.last.device)
+        chunk[:, 0] = self.last
+        for i, (d, _, _) in enumerate(drafts):
+            chunk[starts[i]:starts[i] + groups[i].n, 1:1 + d.shape[1]] = d
+        copy = all(g.spec.spec.rollback == "copy" for g in groups if g.spec is not None)
+        ck = cache.checkpoint(1 + L, trail=copy) if L else None
+        logits = self.model(chunk, cache)                                  # [B, 1 + L, v]
+
+        emitted, want = [], []
+        for i, g in enumerate(groups):
+            d, lens, q = drafts[i]
+            part = logits[starts[i]:starts[i] + g.n, :1 + d.shape[1]]
+            g.allocate(part)
+            out = None
+            if i not in bad:
+                out = guard(i, g.sample, part[:, 0]) if g.spec is None else \
+                    guard(i, g.spec.verify, part, d, lens, q, g.sampling, g.generator, g.seen, g.counts)
+            if out is None:
+                e, w = chunk[starts[i]:starts[i] + g.n, :1], torch.ones(g.n, dtype=torch.long)
+            elif g.spec is None:
+                e, w = out[:, None], torch.ones(g.n, dtype=torch.long)
+            else:
+                e, w = out[0], out[1].cpu()
+            emitted.append(e)
+            want.append(w)
+        want = torch.cat(want).masked_fill(~active, 0)
+        per_row = ck is not None and copy and cache.holes_exact() and \
+            all(g.spec.per_row for g in groups if g.spec is not None)
+        counts = plan(want, active, free - rem - 1, per_row)
+
+        outs = [[] for _ in groups]
+        before = [[len(t) for t in g.tokens] for g in groups]
+        for j in range(int(counts.max()) if len(counts) else 0):
+            for i, g in enumerate(groups):
+                e, c = emitted[i], counts[starts[i]:starts[i] + g.n]
+                tokens = e[:, min(j, e.shape[1] - 1)]
+                given = c > j if j < e.shape[1] else torch.zeros(g.n, dtype=torch.bool)
+                out = guard(i, g.accept, tokens, given) if i not in bad else None
+                outs[i].append(out if out is not None else torch.full_like(tokens, -1))
+        taken = torch.tensor([len(t) - b for g, bs in zip(groups, before) for t, b in zip(g.tokens, bs)])
+        kept = taken if per_row else counts
+        last = []
+        for i, g in enumerate(groups):
+            t, e = taken[starts[i]:starts[i] + g.n], emitted[i]
+            rows = torch.arange(g.n, device=e.device)
+            prev = self.last[starts[i]:starts[i] + g.n]
+            last.append(torch.where(t.to(e.device) > 0, e[rows, (t - 1).clamp(min=0).to(e.device)], prev))
+            short = (t < counts[starts[i]:starts[i] + g.n]) & active[starts[i]:starts[i] + g.n]
+            if bool(short.any()) and not per_row and ck is not None:
+                g.cache_ahead = True
+        self.last = torch.cat(last)
+        rolled = reran = False
+        if ck is not None:
+            rolled, reran = keep_verified(self.model, cache, ck, chunk, kept, copy)
+            self._verified = (ck, chunk, kept, copy)
+        for i, g in enumerate(groups):
+            if g.spec is not None and i not in bad:
+                st = g.spec.stats
+                st.forwards += 1
+                st.rollbacks += bool(rolled and (kept[starts[i]:starts[i] + g.n] < 1 + L).any())
+                st.reruns += reran
+                g.spec.commit(chunk[starts[i]:starts[i] + g.n], kept[starts[i]:starts[i] + g.n])
+        return [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+    def settle(self, unconsumed: list[int]):
+        """The consumer left ``unconsumed[i]`` of the tokens the steps gave row i (``generate.stream`` closed
+        early): after a speculative step the cache keeps only what was taken, as plain decoding leaves it
+        (every token taken but the last fed), as far as that step's checkpoint reaches (all of it with
+        one row; a row of a batch that ran ahead of the others in earlier steps keeps those tokens)."""
+        if self._verified is None or not any(unconsumed):
+            return
+        ck, chunk, kept, copy = self._verified
+        fewer = (kept - torch.tensor(unconsumed)).clamp(min=0)
+        if not (copy and self.cache.holes_exact()):
+            fewer = torch.full_like(fewer, int(fewer.min()))
+        keep_verified(self.model, self.cache, ck, chunk, fewer, copy)
+        for g, o in zip(self.groups, self._starts()):
+            if g.spec is not None:
+                for r in range(g.n):
+                    g.spec.stats.kept[r] -= int(kept[o + r] - fewer[o + r])
+        self._verified = None
 
     # ---- rows joining and leaving (the server's engine) -----------------------------------------------
     def join(self, others: list[Batch]):
@@ -224,8 +339,16 @@ class Batch:
 
     def _regather(self, parts: list[tuple[Cache, int]], groups: list[Rows]):
         self.groups = groups
-        # room for every row's remaining tokens, +1 to feed the last one when its state is stored
-        self.cache = Cache.gather(parts, max(g.max_new - g.steps + 1 for g in groups)) if parts else None
+        self._verified = None
+        if not parts:
+            self.cache = None
+            return
+        # room for every row's remaining tokens, +1 to feed the last one when its state is stored; speculating
+        # rows that keep fewer tokens than others leave holes: as many slots again for them (gather drops the
+        # holes at the next regather)
+        room = max(int(g.remaining().max()) + 1 for g in groups)
+        room += max((int(g.remaining().max()) for g in groups if g.spec is not None), default=0)
+        self.cache = Cache.gather(parts, room)
 
 
 # ---- the server's scheduler -----------------------------------------------------------------------------
@@ -276,6 +399,7 @@ class Job:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     client: int | None = None
+    speculative: Speculative | None = None   # speculative.py: drafts verified per step (same output distribution)
     cancelled: bool = False
     # engine state
     reused: int = 0                   # prompt tokens restored from the prefix cache
@@ -449,6 +573,8 @@ class Engine:
                 if job.rows.finished:
                     self._finish(job, alone, 0)
                 else:
+                    if job.speculative is not None:   # its drafter state follows its rows from here on
+                        job.rows.spec = job.speculative.run(self.model, [list(job.ids)], job.max_new + 1)
                     self._joining.append((job, alone))
                 self._starting.popleft()   # only now: until it is in _joining, it counts as starting
             except Exception as e:
@@ -514,7 +640,9 @@ class Engine:
     def _finish(self, job: Job, batch: Batch, group: int):
         job.emit(("end", job.index, job.rows.finish_reason(0), len(job.generated), job.reused))
         store = self._store(job)
-        if store is not None and not job.cancelled:
+        # (a row that finished inside a speculative step whose rows kept one count holds tokens past its
+        # reply: its state is not the reply's, so it is not stored)
+        if store is not None and not job.cancelled and not job.rows.cache_ahead:
             # after the answer is out; the next request is served by this thread, so it finds the state
             try:
                 remember_reply(self.model, batch.row_cache(group), job.ids + job.generated, job.generated[-1], store)

@@ -14,6 +14,7 @@ out of every attention window, so each row generates what it would generate alon
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -235,14 +236,18 @@ def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor |
     ``logits`` the cache ended on continue without any prefill: a restored snapshot); ``history`` (the
     tokens already in that cache, per row) is what a speculative drafter looks up and a draft model reads.
     With ``gen.speculative``, closing the generator early (``break`` in a for loop) rolls the cache back to
-    the tokens consumed, so it always ends as plain decoding leaves it: every yielded token but the last fed.
+    the tokens consumed, so it always ends as plain decoding leaves it: every yielded token but the last fed
+    (with several rows, as far as the last step's checkpoint reaches: a row that ran ahead of the others in
+    earlier steps, its tokens waiting here to be yielded, keeps those in the cache; ``engine.Batch.settle``).
     """
     from .engine import Batch, Rows   # engine.py builds on this module
     b, l = input_ids.shape
     if gen.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {gen.max_new_tokens}")
     if cache is None:
-        cache = model.new_cache(b, l + gen.max_new_tokens)
+        # speculating rows that keep different counts leave holes in the cache: room for as many again
+        holes = gen.max_new_tokens if gen.speculative is not None and b > 1 else 0
+        cache = model.new_cache(b, l + gen.max_new_tokens + holes)
     elif cache.pos + l + gen.max_new_tokens > cache.max_len:
         raise ValueError(f"cache holds {cache.max_len} positions; {cache.pos} used + {l} prompt + "
                          f"{gen.max_new_tokens} new do not fit")
@@ -254,17 +259,26 @@ def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor |
     g = torch.Generator(device=logits.device).manual_seed(s.seed) if s.seed is not None else None
     rows = Rows(b, s, gen.stop, gen.max_new_tokens, g, input_ids if l else None, mask)
     # speculative decoding (speculative.py): a step verifies drafted tokens and decides several
-    spec = None if gen.speculative is None else gen.speculative.start(model, cache, input_ids, mask, history, gen)
-    batch = Batch(model, cache, [rows], logits, spec)
-    taken = 0
+    if gen.speculative is not None:
+        rows.spec = gen.speculative.start(model, cache, input_ids, mask, history, gen)
+    batch = Batch(model, cache, [rows], logits)
+    # per row, tokens decided and not yet yielded: with speculation rows keep their own counts per step, and
+    # a row ahead of the others waits here, so every yield holds each row's next token
+    pending = [deque() for _ in range(b)]
     try:
-        while rows.steps < gen.max_new_tokens and not rows.finished:
-            taken = 0
-            for out in batch.step():
-                taken += 1
-                yield out
+        while gen.max_new_tokens:
+            done = rows.done.tolist()
+            if any(not d and not p for d, p in zip(done, pending)):
+                for out in batch.step():
+                    for p, t in zip(pending, out.tolist()):
+                        if t >= 0:
+                            p.append(t)
+                continue
+            if not any(pending):
+                break
+            yield torch.tensor([p.popleft() if p else -1 for p in pending], device=logits.device)
     finally:
-        batch.settle(taken)       # tokens decided but not taken leave the cache
+        batch.settle([len(p) for p in pending])     # tokens decided but not taken leave the cache
 
 
 @torch.no_grad()

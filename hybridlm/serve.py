@@ -44,6 +44,7 @@ from .chat_template import TOOL_CALL_MARKERS, ChatFormat, Prompt, parse_tool_cal
 from .engine import Engine, Job, Limits, Overloaded, RateLimited
 from .generate import Sampling
 from .prefix_cache import PrefixCache
+from .speculative import Speculative, for_request
 
 log = logging.getLogger("hybridlm.serve")
 
@@ -63,7 +64,7 @@ class APIError(Exception):
 @lru_cache(maxsize=1)
 def _schemas():
     """Request models, built on first use so that ``hybridlm --help`` does not import pydantic."""
-    from typing import Literal
+    from typing import Any, Literal
 
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -120,6 +121,8 @@ def _schemas():
         stop: str | list[str] | None = None
         seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)   # torch's generators take 64 bits
         user: str | None = None
+        # extension: speculative decoding (speculative.for_request says what it takes; checked there)
+        speculative: Any = None
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
@@ -163,13 +166,16 @@ class Served:
     limits: Limits
     created: int = field(default_factory=lambda: int(time.time()))
     fingerprint: str = ""
+    speculative: Speculative | None = None   # for requests that do not say (serve --speculative)
 
 
 def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatFormat | None = None,
-               limits: Limits | None = None, prefix_cache: PrefixCache | None = None, checkpoint_dir=None):
+               limits: Limits | None = None, prefix_cache: PrefixCache | None = None, checkpoint_dir=None,
+               speculative: Speculative | None = None):
     """The FastAPI app serving ``model``. Give ``chat_format`` (tokenizer + chat template + stop tokens),
     or a ``tokenizer`` and a ``checkpoint_dir`` to read the template from (the default ChatML template
-    when it has none). The engine thread starts and stops with the app's lifespan."""
+    when it has none). ``speculative``: how requests that do not say speculate, and the draft model those
+    that ask for "draft" use. The engine thread starts and stops with the app's lifespan."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -183,7 +189,9 @@ def create_app(model, tokenizer=None, name: str = "hybridlm", chat_format: ChatF
     fmt = chat_format
     limits = limits or Limits(context=model.config.max_position_embeddings)
     engine = Engine(model, fmt.tokenizer, limits, prefix_cache)
-    served = Served(name, fmt, limits, fingerprint="fp_" + model.fingerprint()[:10])
+    if speculative is not None:
+        speculative.check(model)
+    served = Served(name, fmt, limits, fingerprint="fp_" + model.fingerprint()[:10], speculative=speculative)
     ChatRequest, CompletionRequest = _schemas()
 
     @asynccontextmanager
@@ -475,6 +483,10 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
                             logit_bias=bias)
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None
+    try:
+        spec = for_request(req.speculative, served.speculative)
+    except ValueError as e:
+        raise APIError(400, str(e), "speculative", "invalid_value") from None
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -490,7 +502,7 @@ async def _respond(request, engine: Engine, served: Served, req, prompts, max_ne
             # seed + c may pass 2**63 - 1: torch's generators take seeds up to 2**64 - 1
             s = sampling if req.seed is None or c == 0 else replace(sampling, seed=req.seed + c)
             jobs.append(Job(prompt.ids, max_new, s, emit, fmt.stop_ids, stops, index=p * req.n + c,
-                            boundaries=prompt.boundaries, client=client))
+                            boundaries=prompt.boundaries, client=client, speculative=spec))
     kind = "chatcmpl" if chat else "cmpl"
     rid = f"{kind}-{secrets.token_hex(12)}"
     created = int(time.time())
@@ -657,7 +669,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
           context: int = 0, max_new_tokens: int = 2048, max_batch: int = 16, max_queue: int = 256,
           max_body: str = "4MB", prefix_cache: str = "512MB", snapshot_every: int = 1024, threads: int = 0,
           log_level: str = "info", quantize: str = "", max_request_jobs: int = 16, max_client_jobs: int = 64,
-          read_timeout: float = 30.0, prefix_cache_dir: str = "", prefix_cache_disk: str = "4GB") -> int:
+          read_timeout: float = 30.0, prefix_cache_dir: str = "", prefix_cache_disk: str = "4GB",
+          speculative: str = "", draft_k: int = 4) -> int:
     """Serve a checkpoint over the OpenAI API on /v1 (chat completions with streaming and tools, completions,
     models; /health); prompt states are kept and reused. Ctrl-C stops it after open requests finish.
 
@@ -689,6 +702,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
         snapshot_every: also save the state every N tokens of a long prompt (0: only at message ends)
         threads: torch CPU threads (0: torch's default)
         log_level: uvicorn log level (debug, info, warning, error)
+        speculative: speculative decoding for requests that do not say ("speculative" in a request: false,
+            true, "lookup", "draft" or {"method": ..., "k": ...}): lookup or draft:PATH (a small model with the
+            same tokenizer, which requests asking for "draft" use); same output, fewer forwards (empty: off)
+        draft_k: tokens drafted per verifying forward with --speculative
 
     Examples:
         hybridlm serve --model ./out --port 8000
@@ -728,11 +745,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, name: str = "",
             raise CLIError(f"--prefix-cache-dir {prefix_cache_dir}: {e}") from None
     store = PrefixCache(budget, disk) if budget > 0 or disk is not None else None
     served_name = name or Path(model).resolve().name
-    app = create_app(m, name=served_name, chat_format=fmt, limits=limits, prefix_cache=store)
+    from .speculative import from_flag
+    try:
+        spec = from_flag(speculative, draft_k, m, dtype)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    app = create_app(m, name=served_name, chat_format=fmt, limits=limits, prefix_cache=store, speculative=spec)
     print(f"serving {served_name} on http://{host}:{port}/v1 (chat template: {fmt.template.origin}; "
           f"context {limits.context}; prefix cache {prefix_cache if store is not None else 'off'}"
           + (f", on disk {prefix_cache_disk} in {disk.path} ({len(disk)} states)" if disk is not None else "")
-          + ")", flush=True)
+          + (f"; speculative {speculative}, k {draft_k}" if spec is not None else "") + ")", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
                 http=http_protocol(limits.read_timeout))
     return 0

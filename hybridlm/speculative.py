@@ -31,11 +31,23 @@ tokens (benchmarks/speculative.py; bench-88m, fp32, one thread, k = 4, a verify 
 The draft model's cache is restored to its checkpoint after every verification and its kept tokens fed
 with its next draft's first forward (a chunk instead of one token: no extra forward either).
 
-Batches: every row verifies its own draft in the same chunk, and all rows keep the same number of
-tokens per step, the fewest any unfinished row accepted (a row may drop tokens its target agreed with:
-they are decided again the next step, with the same distribution, since the decision to stop depends only
-on what came before). Rows then never diverge in cache position, so no row's attention window or Mamba
-state sees a hole, and padded batch == each prompt alone holds token for token under greedy decoding.
+Batches (``engine.Batch``: ``generate.stream``'s rows, the server's requests, each group with its own
+sampling, generator and drafter state, ``SpecRun``): one verify forward checks every row's draft (a chunk
+[B, 1 + L], shorter drafts padded with filler, groups that do not speculate drafting nothing), each group
+verifies its rows, and each row keeps its own count m_i (``plan``). The cache is right-aligned with one
+write position: it moves on by the most any row kept, M, and a row that kept fewer is left with a hole of
+M - m_i invalid, zeroed slots (``Cache.rollback`` with a count per row), skipped by attention as left
+padding is; its Mamba-1 states are copied from the trail at its own m_i. Exact (``Cache.holes_exact``)
+with full attention (RoPE positions come from the count of valid tokens) and Mamba-1 layers, rollback
+"copy", and drafters whose state follows ragged rows (lookup; a draft model whose own cache takes holes).
+Holes use slots: a row's hole may not eat the room it needs to finish (``plan`` lowers M), and
+``generate.stream`` / the engine allocate room for as many holes as tokens (the engine drops them when it
+regathers the batch). Elsewhere (a sliding-window ring: a hole would take window slots; Mamba-2 layers,
+which keep no trail and re-run the kept tokens, one count for all rows; rollback "rerun") every row keeps
+the fewest any unfinished row accepted (a row may drop tokens its target agreed with: they are decided
+again the next step, with the same distribution, since the decision to stop depends only on what came
+before). Either way padded batch == each prompt alone holds token for token under greedy decoding.
+``generate.stream`` yields every row's next token per step, so a row ahead of the others waits there.
 """
 from __future__ import annotations
 
@@ -44,20 +56,25 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import Cache
-from .generate import GREEDY_BELOW, Sampling, decode_step, left_pad, prefill, transform
+from .generate import DEFAULT_PREFILL_CHUNK, GREEDY_BELOW, Sampling, decode_step, left_pad, prefill, transform
 
 METHODS = ("lookup", "draft")
 
 
 @dataclass
 class SpecStats:
-    """What the last run of a ``Speculative`` did (counts per row, summed over unfinished rows for drafts)."""
+    """What the last run of a ``Speculative`` did: its verify forwards, and per row the tokens it kept."""
     forwards: int = 0        # target verify forwards (chunks of 1 + drafted tokens)
     rollbacks: int = 0       # verify forwards whose tokens were not all kept
     reruns: int = 0          # target forwards that re-ran kept tokens after a rollback (strategy 1)
-    tokens: int = 0          # tokens each row got from the verify forwards
-    drafted: int = 0         # drafted tokens verified
+    kept: list[int] = field(default_factory=list)   # per row: tokens it got from the verify forwards
+    drafted: int = 0         # drafted tokens verified (all rows)
     accepted: int = 0        # of those, the ones the target agreed with
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the verify forwards gave, all rows together."""
+        return sum(self.kept)
 
     @property
     def acceptance(self) -> float:
@@ -68,14 +85,16 @@ class SpecStats:
         return self.tokens / self.forwards if self.forwards else 0.0
 
     def summary(self) -> str:
+        rows = f"; per row {self.kept}" if len(self.kept) > 1 else ""
         return (f"speculative: {self.accepted}/{self.drafted} drafted tokens accepted ({self.acceptance:.0%}), "
                 f"{self.tokens_per_forward:.2f} tokens per target forward ({self.forwards} verify forwards, "
-                f"{self.rollbacks} rolled back, {self.reruns} re-run)")
+                f"{self.rollbacks} rolled back, {self.reruns} re-run{rows})")
 
 
 @dataclass
 class Speculative:
-    """How to speculate (``Generation.speculative``); ``stats`` holds the counts of the last run.
+    """How to speculate (``Generation.speculative``, a server request's ``speculative``); ``stats`` holds the
+    counts of the last run started.
 
     method: "lookup" (prompt lookup) or "draft" (``draft``: a small model with the target's vocabulary);
     k: tokens drafted per verify forward (fewer near ``max_new_tokens``); ngrams: lookup's n-gram sizes,
@@ -90,7 +109,7 @@ class Speculative:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not isinstance(self.k, int) or self.k < 1:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"speculative k (--draft-k) must be an integer >= 1, got {self.k!r}")
         self.ngrams = tuple(sorted(set(self.ngrams), reverse=True))
         if not self.ngrams or any(not isinstance(n, int) or n < 1 for n in self.ngrams):
@@ -111,23 +130,29 @@ class Speculative:
 
     def start(self, model, cache: Cache, input_ids: torch.Tensor, mask: torch.Tensor | None,
               history: list[list[int]] | None, gen) -> "SpecRun":
-        """The state of one ``generate.stream`` run (called by it, after the prefill)."""
-        self.check(model)
-        self.stats = SpecStats()
+        """The drafting state of one ``generate.stream`` run's rows (called by it, after the prefill)."""
         b = input_ids.shape[0] if history is None else len(history)
         ctx = [list(h) for h in history] if history is not None else [[] for _ in range(b)]
         if input_ids.shape[1]:
             for i in range(b):
                 row = input_ids[i] if mask is None else input_ids[i][mask[i].bool()]
                 ctx[i] += row.tolist()
+        return self.run(model, ctx, cache.max_len - cache.pos, gen.prefill_chunk)
+
+    def run(self, model, ctx: list[list[int]], room: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> "SpecRun":
+        """The drafting state of a group of rows whose caches hold the tokens ``ctx`` (per row) and have
+        ``room`` free positions (a draft model's cache gets as many, plus a draft's)."""
+        self.check(model)
         drafter = Lookup(self.ngrams) if self.method == "lookup" else \
-            DraftModel(self.draft, ctx, gen.max_new_tokens + self.k + 1, gen.prefill_chunk)
-        return SpecRun(self, model, cache, gen.sampling, ctx, drafter)
+            DraftModel(self.draft, ctx, room + self.k + 1, prefill_chunk)
+        run = SpecRun(self, ctx, drafter)
+        self.stats = run.stats
+        return run
 
 
 def from_flag(flag: str, k: int, target, dtype: str = "auto") -> Speculative | None:
-    """The ``--speculative`` / ``--draft-k`` flags of ``hybridlm generate`` and ``chat``: "" (off), "lookup"
-    or "draft:PATH" (a checkpoint directory, .gguf file or preset, loaded with ``dtype``)."""
+    """The ``--speculative`` / ``--draft-k`` flags of ``hybridlm generate``, ``chat`` and ``serve``: "" (off),
+    "lookup" or "draft:PATH" (a checkpoint directory, .gguf file or preset, loaded with ``dtype``)."""
     if not flag:
         return None
     if flag == "lookup":
@@ -140,71 +165,124 @@ def from_flag(flag: str, k: int, target, dtype: str = "auto") -> Speculative | N
     raise ValueError(f"--speculative must be 'lookup' or 'draft:PATH' (a draft model's checkpoint), got {flag!r}")
 
 
-class SpecRun:
-    """One generation's speculation: ``step`` verifies a draft and returns the tokens it decided."""
+MAX_REQUEST_K = 16
+REQUEST_VALUES = ('false, true (the server\'s default: serve --speculative, else "lookup"), "lookup", "draft" (when '
+                  'the server has a draft model: serve --speculative draft:PATH), or {"method": "lookup" or "draft", '
+                  f'"k": 1..{MAX_REQUEST_K}}}')
 
-    def __init__(self, spec: Speculative, model, cache: Cache, sampling: Sampling, ctx: list[list[int]], drafter):
-        self.spec, self.model, self.cache, self.s = spec, model, cache, sampling
-        self.ctx = ctx                     # per row: the tokens in the target's cache
-        self.drafter = drafter
-        self.last = None                   # (checkpoint, chunk, kept) of the last verify step
+
+def for_request(value, default: Speculative | None) -> Speculative | None:
+    """A server request's ``speculative`` field (None: absent) -> how to speculate for it, None: not at all.
+    ``default``: the server's (``serve --speculative``, ``--draft-k``), which also holds the draft model.
+    Refuses anything else with a ValueError that says what is allowed."""
+    if value is None:
+        return default
+    if value is False or value == "off":
+        return None
+    method, k = None, default.k if default is not None else Speculative.k
+    if value is True:
+        return default if default is not None else Speculative("lookup", k)
+    if isinstance(value, str):
+        method = value
+    elif isinstance(value, dict) and set(value) <= {"method", "k"}:
+        method, k = value.get("method", "lookup"), value.get("k", k)
+    if method not in METHODS or not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_REQUEST_K:
+        raise ValueError(f"invalid value for 'speculative': {str(value)[:60]!r}; allowed: {REQUEST_VALUES}")
+    if method == "draft":
+        if default is None or default.draft is None:
+            raise ValueError("'speculative': this server has no draft model (serve --speculative draft:PATH); "
+                             f"allowed: {REQUEST_VALUES}")
+        return Speculative("draft", k, default.ngrams, default.draft, default.rollback)
+    return Speculative("lookup", k, default.ngrams if default is not None else Speculative.ngrams,
+                       rollback=default.rollback if default is not None else "copy")
+
+
+class SpecRun:
+    """One group's speculation (rows that sample together, ``engine.Rows``): per row the tokens in the
+    target's cache (``ctx``: what lookup searches) and the drafter's state (a draft model's cache). The
+    batch's one verify forward and the rollback are ``engine.Batch``'s; ``propose``, ``verify`` and
+    ``commit`` are this group's part of a step."""
+
+    def __init__(self, spec: Speculative, ctx: list[list[int]], drafter):
+        self.spec, self.ctx, self.drafter = spec, ctx, drafter
+        self.stats = SpecStats(kept=[0] * len(ctx))
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the drafter's state can follow rows that keep different numbers of tokens."""
+        return self.drafter.per_row
 
     @torch.no_grad()
-    def step(self, tok: torch.Tensor, done: torch.Tensor, seen: torch.Tensor | None, g: torch.Generator | None,
-             remaining: int, counts: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``tok`` [b]: the last token emitted (not yet in the cache); ``seen``/``counts`` [b, v]: the
-        repetition penalty's tokens and the generated tokens' counts, as ``generate.sample`` takes them.
-        Returns 1..k+1 tokens [b] for every row; the cache then holds ``tok`` and all of them but the last."""
-        b = tok.shape[0]
-        room = self.cache.max_len - self.cache.pos - 1
-        k = max(0, min(self.spec.k, remaining - 1, room))
-        if k:
-            drafts, lens, q = self.drafter.propose(self.ctx, tok, k, self.s, seen, g, counts)
-            lens = lens.masked_fill(done.to(lens.device), 0)
-        else:
-            drafts, lens, q = tok.new_zeros(b, 0), tok.new_zeros(b), None
-        L = int(lens.max()) if b else 0
-        drafts = drafts[:, :L]
-        chunk = torch.cat([tok[:, None], drafts], 1)                     # [b, 1 + L]
-        # without drafts the one token is always kept: nothing to roll back
-        ck = self.cache.checkpoint(1 + L, trail=self.spec.rollback == "copy") if L else None
-        logits = self.model(chunk, self.cache)                          # [b, 1 + L, v]: all of them are needed
-        a, x = verify(logits, drafts, lens, None if q is None else q[:, :L], self.s, g, _along(seen, drafts),
-                      _along(counts, drafts))
-        active = ~done.to(a.device)
-        m = int((a[active] + 1).min()) if bool(active.any()) else 1      # every row keeps m tokens
-        st = self.spec.stats
-        st.forwards += 1
-        st.tokens += m
-        st.drafted += int(lens[active].sum())
-        st.accepted += int(a[active].sum())
+    def propose(self, tok: torch.Tensor, limit: torch.Tensor, s: Sampling, seen: torch.Tensor | None,
+                g: torch.Generator | None, counts: torch.Tensor | None = None):
+        """``tok`` [n]: each row's last token (not yet in the cache); ``limit`` [n]: drafts a row may take (0:
+        none, as for finished rows). Returns (drafts [n, L], lens [n], q [n, L, v] or None: see ``verify``)."""
+        k = int(limit.max()) if len(limit) else 0
+        if k == 0:
+            return tok.new_zeros(len(tok), 0), tok.new_zeros(len(tok)), None
+        drafts, lens, q = self.drafter.propose(self.ctx, tok, k, s, seen, g, counts)
+        lens = torch.minimum(lens, limit.to(lens.device))
+        L = int(lens.max())
+        return drafts[:, :L], lens, None if q is None else q[:, :L]
+
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, lens: torch.Tensor, q: torch.Tensor | None,
+               s: Sampling, g: torch.Generator | None, seen: torch.Tensor | None = None,
+               counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's verdict (``verify``) on this group's drafts, logits [n, 1 + L, v]. Returns (emitted
+        [n, 1 + L]: the drafted tokens while accepted, then the target's; want [n]: how many of them each
+        row may take, accepted + 1)."""
+        a, x = verify(logits, drafts, lens, q, s, g, _along(seen, drafts), _along(counts, drafts))
         emitted = torch.cat([drafts, x[:, None]], 1)
-        emitted[torch.arange(b), a] = x                                 # e_j = d_j while accepted, then x
-        emitted = emitted[:, :m]
-        self._keep(ck, chunk, m)
-        self.last = (ck, chunk, m)
-        for i in range(b):
+        emitted[torch.arange(len(x)), a] = x                              # e_j = d_j while accepted, then x
+        self.stats.drafted += int(lens.sum())
+        self.stats.accepted += int(a.sum())
+        return emitted, a + 1
+
+    def commit(self, chunk: torch.Tensor, kept: torch.Tensor):
+        """The target's cache kept ``chunk[i, :kept[i]]`` of each row's verified chunk [n, 1 + L]."""
+        for i, m in enumerate(kept.tolist()):
             self.ctx[i] += chunk[i, :m].tolist()
-        self.drafter.commit(chunk[:, 1:m])
-        return list(emitted.unbind(1))
+            self.stats.kept[i] += m
+        self.drafter.commit(chunk, kept)
 
-    def _keep(self, ck, chunk: torch.Tensor, m: int):
-        """Keep the first ``m`` tokens of the verified ``chunk`` in the cache: by copy where the checkpoint
-        has trails, else by restoring it and running them again."""
-        if ck is None or m == self.cache.pos - ck.pos:
-            return
-        kept = self.cache.rollback(ck, m if self.spec.rollback == "copy" else 0)
-        self.spec.stats.rollbacks += 1
-        if kept < m:
-            self.model(chunk[:, kept:m], self.cache, last_only=True)
-            self.spec.stats.reruns += 1
 
-    def settle(self, unconsumed: int):
-        """The consumer took all but ``unconsumed`` of the last step's tokens: the cache keeps fewer."""
-        if unconsumed and self.last is not None:
-            ck, chunk, m = self.last
-            self._keep(ck, chunk, m - unconsumed)
-            self.spec.stats.tokens -= unconsumed
+def plan(want: torch.Tensor, active: torch.Tensor, slack: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """Tokens each row of a batch keeps of a verify chunk, [B]. ``want`` [B]: what each row's verdict
+    allows (accepted drafts + 1; 1 for a row that drafted nothing); ``active`` [B]: rows not finished before
+    the step; ``slack`` [B]: slots a row can lose to a hole and still finish in the cache's room.
+
+    ``per_row`` (``Cache.holes_exact``, trails, drafters that follow ragged rows): each row keeps its own
+    count, and a row keeping fewer than the most M leaves a hole of M - m_i invalid slots; M is lowered
+    while a hole would eat a row's room. Else every row keeps the fewest any active row wants (a row may
+    drop tokens its target agreed with: they are decided again the next step, with the same distribution,
+    since the decision to stop depends only on what came before)."""
+    if not bool(active.any()):
+        return torch.zeros_like(want)
+    lo = int(want[active].min())
+    if not per_row:
+        return torch.full_like(want, lo)
+    for top in range(int(want[active].max()), lo, -1):
+        if bool(((top - want.clamp(max=top)) <= slack)[active].all()):
+            break
+    else:
+        top = lo
+    return torch.where(active, want.clamp(max=top), 0)
+
+
+@torch.no_grad()
+def keep_verified(model, cache: Cache, ck, chunk: torch.Tensor, counts: torch.Tensor,
+                  copy: bool) -> tuple[bool, bool]:
+    """Keep ``chunk[i, :counts[i]]`` of the verified chunk [B, 1 + L] in the cache: by copy where the
+    checkpoint has trails (rows may keep different counts there), else by restoring it and running the
+    (one count of) kept tokens again. Returns (rolled back, re-ran)."""
+    if bool((counts == cache.pos - ck.pos).all()):
+        return False, False
+    kept = cache.rollback(ck, counts if copy else torch.zeros_like(counts))
+    if bool((kept < counts).any()):
+        a, m = int(kept.max()), int(counts.max())
+        model(chunk[:, a:m], cache, last_only=True)
+        return True, True
+    return True, False
 
 
 def _along(seen: torch.Tensor | None, drafts: torch.Tensor) -> torch.Tensor | None:
@@ -264,6 +342,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 class Lookup:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last n-gram."""
+    per_row = True                      # its state is the context, which follows each row as it is
 
     def __init__(self, ngrams: tuple[int, ...]):
         self.ngrams = ngrams
@@ -292,13 +371,14 @@ class Lookup:
                 return seq[p:p + k]
         return []
 
-    def commit(self, kept: torch.Tensor):
+    def commit(self, chunk: torch.Tensor, kept: torch.Tensor):
         pass
 
 
 class DraftModel:
     """A small model drafting token by token from its own cache. The cache holds the context the target's
-    holds, except ``backlog`` (kept tokens not yet fed: they go in with the next draft's first forward)."""
+    holds, except ``backlog`` (per row, kept tokens not yet fed: they go in with the next draft's first
+    forward, a chunk whose rows may differ in length where the draft's cache takes holes)."""
 
     def __init__(self, model, ctx: list[list[int]], room: int, prefill_chunk: int):
         self.model = model
@@ -310,13 +390,25 @@ class DraftModel:
             if any(not c for c in ctx):
                 mask[[i for i, c in enumerate(ctx) if not c]] = False
             prefill(model, self.cache, ids.to(p.device), mask.to(p.device), prefill_chunk)
-        self.backlog = torch.zeros(len(ctx), 0, dtype=torch.long, device=p.device)
+        self.backlog: list[list[int]] = [[] for _ in ctx]
         self.ck = None
+        # rows keeping different counts leave backlogs of different lengths: fed as one chunk with holes
+        self.per_row = self.cache.holes_exact()
 
     def propose(self, ctx, tok: torch.Tensor, k: int, s: Sampling, seen, g, counts=None):
         b = tok.shape[0]
-        chunk = torch.cat([self.backlog, tok[:, None]], 1)
-        logits = self.model(chunk, self.cache, last_only=True)[:, -1]
+        seqs = [r + [t] for r, t in zip(self.backlog, tok.tolist())]
+        n = torch.tensor([len(r) for r in seqs])
+        chunk = torch.zeros(b, int(n.max()), dtype=torch.long)
+        for i, r in enumerate(seqs):
+            chunk[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        chunk = chunk.to(tok.device)
+        if bool((n == n[0]).all()):
+            logits = self.model(chunk, self.cache, last_only=True)[:, -1]
+        else:                               # each row's own length kept, a hole after the shorter ones
+            ck = self.cache.checkpoint(chunk.shape[1], trail=True)
+            logits = self.model(chunk, self.cache)[torch.arange(b, device=tok.device), (n - 1).to(tok.device)]
+            self.cache.rollback(ck, n)
         self.ck = self.cache.checkpoint(k)
         seen = None if seen is None else seen.clone()
         counts = None if counts is None else counts.clone()
@@ -339,9 +431,14 @@ class DraftModel:
         q = torch.stack(qs, 1) if qs else None
         return torch.stack(drafts, 1), torch.full((b,), k, dtype=torch.long, device=tok.device), q
 
-    def commit(self, kept: torch.Tensor):
-        """The target kept the pending token and then ``kept`` [b, m-1]: back to the checkpoint (after the
-        pending token), and the kept tokens wait to be fed with the next draft."""
+    def commit(self, chunk: torch.Tensor, kept: torch.Tensor):
+        """The target kept ``chunk[i, :kept[i]]`` (the pending token, then accepted drafts): back to the
+        checkpoint after the pending token, and the kept drafts wait to be fed with the next draft. After
+        a step it did not draft for, the pending token waits too."""
+        kept = kept.tolist()
         if self.ck is not None:
             self.cache.rollback(self.ck)
-        self.backlog = kept
+            self.ck = None
+            self.backlog = [chunk[i, 1:m].tolist() for i, m in enumerate(kept)]
+        else:
+            self.backlog = [r + chunk[i, :m].tolist() for i, (r, m) in enumerate(zip(self.backlog, kept))]

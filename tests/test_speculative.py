@@ -440,3 +440,106 @@ def test_sampled_single_rows_over_seeds_keep_several_tokens(monkeypatch):
     # the check has teeth: keeping every draft the target gives any probability is caught
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape))
     assert not within(pairs(), exact)
+
+
+def plans(monkeypatch):
+    """Record each speculative step's kept counts per row (``speculative.plan``, as the engine calls it)."""
+    from hybridlm import engine
+    seen, real = [], engine.plan
+
+    def recorded(want, active, slack, per_row):
+        out = real(want, active, slack, per_row)
+        seen.append(out[active].tolist())
+        return out
+    monkeypatch.setattr(engine, "plan", recorded)
+    return seen
+
+
+def mixed_prompts():
+    """One copy-heavy prompt (lookup drafts are accepted) and one random one (they are mostly not)."""
+    noise = torch.randint(0, 64, (11,), generator=torch.Generator().manual_seed(11)).tolist()
+    return [repetitive(13, seed=1), noise, repetitive(9, seed=4)]
+
+
+@pytest.mark.parametrize("name", ["jamba", "sliding", "mamba2"])
+@pytest.mark.parametrize("kind", ["lookup", "draft"])
+def test_batch_rows_keep_their_own_counts_and_the_output_of_plain_greedy(name, kind, monkeypatch):
+    """Rows of one batch accepting different numbers of drafts: greedy output == plain greedy == each prompt
+    alone. With full attention and Mamba-1 layers each row keeps its own count (a hole after the rows that
+    kept fewer); with a sliding window (a hole would take window slots) or Mamba-2 layers (no trail) every
+    row keeps the fewest, and the output is the same."""
+    from hybridlm.cache import Cache
+    m = tiny(**LAYOUTS[name])
+    prompts = mixed_prompts()
+    plain = run(m, prompts, 24)
+    for i, p in enumerate(prompts):
+        assert plain[i].tolist() == run(m, [p], 24).tolist()[0]
+    spec = drafter(kind, m, k=4)
+    steps = plans(monkeypatch)
+    out = run(m, prompts, 24, spec)
+    assert out.tolist() == plain.tolist()
+    assert spec.stats.accepted > 0 and len(spec.stats.kept) == 3
+    ragged = [s for s in steps if len(set(s)) > 1]
+    assert bool(ragged) == (name == "jamba")
+    if name == "jamba":
+        # the rule it replaces: every row keeps the fewest (forced here), same tokens, more verify forwards
+        # for the copy-heavy row's share: the batch keeps fewer tokens per forward
+        monkeypatch.setattr(Cache, "holes_exact", lambda self: False)
+        fewest = drafter(kind, m, k=4)
+        steps.clear()
+        assert run(m, prompts, 24, fewest).tolist() == plain.tolist()
+        assert all(len(set(s)) == 1 for s in steps)
+        assert spec.stats.tokens_per_forward > fewest.stats.tokens_per_forward
+
+
+def test_a_row_that_accepts_everything_needs_fewer_verify_forwards(monkeypatch):
+    """A batch where one row is copy-heavy and the other's drafts fail until it stops: with per-row counts
+    the copy-heavy row (and so the batch) finishes in fewer verify forwards than with the fewest rule."""
+    from hybridlm.cache import Cache
+    m = tiny(**LAYOUTS["jamba"])
+    prompts = mixed_prompts()[:2]
+    plain = run(m, prompts, 30)
+    stop = int(plain[1, 8])                     # the random row stops early; the copy-heavy row does not
+    assert stop not in plain[0].tolist()
+    plain = run(m, prompts, 30, stop=[stop])
+    forwards = []
+    for per_row in (True, False):
+        if not per_row:                         # the fewest rule, forced
+            monkeypatch.setattr(Cache, "holes_exact", lambda self: False)
+        spec = Speculative("lookup", k=4)
+        assert run(m, prompts, 30, spec, stop=[stop]).tolist() == plain.tolist()
+        forwards.append(spec.stats.forwards)
+    assert forwards[0] < forwards[1]
+
+
+def test_rollback_per_row_leaves_each_row_as_if_alone():
+    """checkpoint, a chunk of 5, rollback keeping [2, 4] (a hole of 2 slots in row 0): each row's state, its
+    holes dropped (``Cache.gather``), == a cache that only saw its prompt and its kept tokens."""
+    m = tiny(**LAYOUTS["jamba"])
+    prompts = [repetitive(9, seed=5), repetitive(6, seed=6)]
+    x, mask = left_pad(prompts)
+    chunk = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(7))
+    c = m.new_cache(2, 20)
+    keep = torch.tensor([2, 4])
+    with torch.no_grad():
+        prefill(m, c, x, mask)
+        ck = c.checkpoint(5, trail=True)
+        m(chunk, c)
+        assert c.rollback(ck, keep).tolist() == [2, 4]
+        assert c.pos == 9 + 4 and c.seen.tolist() == [9 + 2, 6 + 4]
+        for i, p in enumerate(prompts):
+            alone = m.new_cache(1, 20)
+            prefill(m, alone, torch.tensor([p]))
+            m(chunk[i:i + 1, :int(keep[i])], alone)
+            row = type(c).gather([(c, i)], 1)
+            assert row.pos == len(p) + int(keep[i])
+            a, b = row.snapshot().tensors, alone.snapshot().tensors
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].shape == b[k].shape and (a[k].float() - b[k].float()).abs().max() < 1e-5, k
+        ck = c.checkpoint(2)
+        m(chunk[:, :2], c)
+        with pytest.raises(ValueError, match="different numbers"):
+            c.rollback(ck, torch.tensor([0, 1]))                 # no trails recorded
+    sliding = tiny(**LAYOUTS["sliding"]).new_cache(1, 8)
+    assert c.holes_exact() and not sliding.holes_exact() and not tiny(**LAYOUTS["mamba2"]).new_cache(1, 8).holes_exact()
