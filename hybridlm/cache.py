@@ -58,6 +58,9 @@ class Cache:
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)    # real tokens per row
         self.fingerprint = fingerprint
         self.owner = None       # a weak reference to the model (HybridLM.new_cache): snapshots hash its weights
+        # the decode kernels' plan over these buffers (kernels/decode_cpu.DecodePlan, which checks it is still
+        # current before each use); opaque here, dropped with the cache
+        self.kernel_plan = None
 
     @classmethod
     def allocate(cls, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu", fingerprint: str = ""):

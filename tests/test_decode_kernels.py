@@ -401,14 +401,14 @@ def test_plan_follows_weight_and_cache_changes():
     logits = prefill(model, cache, ids)
     snap = cache.snapshot(logits)
     first = decode_step(model, cache, ids[:, -1])
-    plan = cache._decode_plan
+    plan = cache.kernel_plan
     cache.restore(snap)
-    assert torch.equal(decode_step(model, cache, ids[:, -1]), first) and cache._decode_plan is plan
+    assert torch.equal(decode_step(model, cache, ids[:, -1]), first) and cache.kernel_plan is plan
     with torch.no_grad():
         model.load_state_dict(other.state_dict())          # in place: versions change
     cache.restore(snap)
     changed = decode_step(model, cache, ids[:, -1])
-    assert cache._decode_plan is not plan and not torch.allclose(changed, first)
+    assert cache.kernel_plan is not plan and not torch.allclose(changed, first)
     ref_cache = other.new_cache(1, 16)
     prefill(other, ref_cache, ids)
     kernels.set_backend("ref")

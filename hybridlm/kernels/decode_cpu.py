@@ -443,10 +443,9 @@ def plan_step(model, cache, input_ids: torch.Tensor) -> torch.Tensor:
     (``plan_applies``): input_ids [b, l] -> logits [b, l, v] in the model's dtype; the cache advances by l
     positions. l > 1 is a speculative verify chunk: the tokens of a row go through the recurrences in order,
     and a trail the cache asked for is recorded."""
-    plan = cache.__dict__.get("_decode_plan")
+    plan = cache.kernel_plan
     if plan is None or not plan.current(model, cache):
-        plan = DecodePlan(model, cache)
-        cache.__dict__["_decode_plan"] = plan
+        plan = cache.kernel_plan = DecodePlan(model, cache)
     b, l = input_ids.shape
     layers, valid, start = cache.kernel_view()
     table, pending = _trails(layers, b, l)
