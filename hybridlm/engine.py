@@ -45,10 +45,12 @@ import torch
 from .cache import Cache
 from .chat_template import text_decoder
 from .generate import Sampling, StopCriteria, decode_step, sample
+from .kernels import decode_cpu
 from .prefix_cache import PrefillJob, PrefixCache, remember_reply
 from .speculative import Speculative, keep_verified, plan
 
 log = logging.getLogger("hybridlm.engine")
+CAP_DRAFTS = True   # fit speculative verify chunks to the one-call C++ step (Batch._speculate; tests turn it off)
 
 
 # ---- rows and the decode step ---------------------------------------------------------------------------
@@ -217,12 +219,22 @@ class Batch:
                 bad.add(i)
                 return None
 
+        # where a plain step of these rows is one C++ call (kernels/decode_cpu.plan_applies), so is a verify
+        # chunk of rows x tokens <= PLAN_ROWS (about 3 plain steps for 7 tokens); a longer one goes layer by
+        # layer and costs more than its tokens save (4 requests at k = 6: 0.73x plain decoding,
+        # benchmarks/results/engine_speculative.md), so drafts are capped to fit it; fewer than 2 drafts per
+        # row do not pay for the verify (4 rows at k = 1: 0.89x), so then none
+        cap = free - 1
+        if CAP_DRAFTS and decode_cpu.plan_applies(self.model, cache, self.last.new_zeros(self.rows, 1), None) and \
+                decode_cpu.plan_applies(self.model, cache, self.last.new_zeros(1, 2), None):
+            fit = decode_cpu.PLAN_ROWS // self.rows - 1
+            cap = min(cap, fit if fit >= 2 else 0)
         drafts = []
         for i, g in enumerate(groups):
             n, tok = g.n, self.last[starts[i]:starts[i] + g.n]
             out = None
             if g.spec is not None:
-                limit = (rem[starts[i]:starts[i] + n] - 1).clamp(0, min(g.spec.spec.k, free - 1))
+                limit = (rem[starts[i]:starts[i] + n] - 1).clamp(0, min(g.spec.spec.k, cap))
                 out = guard(i, g.spec.propose, tok, limit, g.sampling, g.seen, g.generator, g.counts)
             drafts.append(out or (tok.new_zeros(n, 0), tok.new_zeros(n), None))
         L = max(d.shape[1] for d, _, _ in drafts)

@@ -104,7 +104,8 @@ def test_greedy_speculative_on_quantized_layers_equals_plain_greedy(scheme, k):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("kind", ["lookup", "draft"])
-def test_padded_batch_speculative_equals_each_prompt_alone(name, kind):
+def test_padded_batch_speculative_equals_each_prompt_alone(name, kind, monkeypatch):
+    monkeypatch.setattr("hybridlm.engine.CAP_DRAFTS", False)   # 3 rows speculate (not capped to the C++ step)
     m = tiny(**LAYOUTS[name])
     prompts = [repetitive(n, seed=n) for n in (6, 15, 9)]
     spec = drafter(kind, m, k=3)
@@ -469,6 +470,7 @@ def test_batch_rows_keep_their_own_counts_and_the_output_of_plain_greedy(name, k
     kept fewer); with a sliding window (a hole would take window slots) or Mamba-2 layers (no trail) every
     row keeps the fewest, and the output is the same."""
     from hybridlm.cache import Cache
+    monkeypatch.setattr("hybridlm.engine.CAP_DRAFTS", False)   # the drafts as asked (not capped to the C++ step)
     m = tiny(**LAYOUTS[name])
     prompts = mixed_prompts()
     plain = run(m, prompts, 24)
@@ -543,3 +545,24 @@ def test_rollback_per_row_leaves_each_row_as_if_alone():
             c.rollback(ck, torch.tensor([0, 1]))                 # no trails recorded
     sliding = tiny(**LAYOUTS["sliding"]).new_cache(1, 8)
     assert c.holes_exact() and not sliding.holes_exact() and not tiny(**LAYOUTS["mamba2"]).new_cache(1, 8).holes_exact()
+
+
+@pytest.mark.parametrize("rows,most", [(1, 6), (2, 3), (3, 0), (4, 0)])
+def test_verify_chunks_of_a_batch_stay_in_the_one_call_step(rows, most, monkeypatch):
+    """Where a plain step is one C++ call, drafts per row are capped so the verify chunk (rows x tokens) is one
+    too (decode_cpu.PLAN_ROWS = 8): a longer chunk goes layer by layer, slower than plain decoding; under 2
+    drafts per row, none. Same output."""
+    from hybridlm.kernels import decode_cpu
+    m = tiny(**LAYOUTS["jamba"])
+    prompts = [repetitive(13 + i, seed=i) for i in range(rows)]
+    seen = []
+    real = spec_mod.keep_verified
+
+    def spy(model, cache, ck, chunk, counts, copy):
+        seen.append(tuple(chunk.shape))
+        return real(model, cache, ck, chunk, counts, copy)
+    monkeypatch.setattr("hybridlm.engine.keep_verified", spy)
+    out = run(m, prompts, 24, Speculative("lookup", k=6))
+    assert torch.equal(out, run(m, prompts, 24))
+    assert max((l for _, l in seen), default=1) == 1 + most
+    assert all(b * l <= decode_cpu.PLAN_ROWS for b, l in seen)
