@@ -219,16 +219,15 @@ class Batch:
                 bad.add(i)
                 return None
 
-        # where a plain step of these rows is one C++ call (kernels/decode_cpu.plan_applies), so is a verify
-        # chunk of rows x tokens <= PLAN_ROWS (about 3 plain steps for 7 tokens); a longer one goes layer by
+        # where a plain step of these rows is one C++ call, so is a verify (kernels/decode_cpu.verify_tokens:
+        # rows x tokens <= PLAN_ROWS, about 3 plain steps for 7 tokens); a longer chunk goes layer by
         # layer and costs more than its tokens save (4 requests at k = 6: 0.73x plain decoding,
         # benchmarks/results/engine_speculative.md), so drafts are capped to fit it; fewer than 2 drafts per
         # row do not pay for the verify (4 rows at k = 1: 0.89x), so then none
         cap = free - 1
-        if CAP_DRAFTS and decode_cpu.plan_applies(self.model, cache, self.last.new_zeros(self.rows, 1), None) and \
-                decode_cpu.plan_applies(self.model, cache, self.last.new_zeros(1, 2), None):
-            fit = decode_cpu.PLAN_ROWS // self.rows - 1
-            cap = min(cap, fit if fit >= 2 else 0)
+        fit = decode_cpu.verify_tokens(self.model, cache, self.rows) if CAP_DRAFTS else None
+        if fit is not None:
+            cap = min(cap, fit - 1 if fit - 1 >= 2 else 0)
         drafts = []
         for i, g in enumerate(groups):
             n, tok = g.n, self.last[starts[i]:starts[i] + g.n]

@@ -287,6 +287,16 @@ def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
             and not (torch.is_grad_enabled() and w.requires_grad))
 
 
+def verify_tokens(model, cache, rows: int) -> int | None:
+    """The most tokens per row a speculative verify chunk of ``rows`` rows may hold to run as one call
+    (rows x tokens <= PLAN_ROWS), where a plain step of those rows is one call; None where it is not (the
+    chunk goes layer by layer either way)."""
+    probe = model.model.embed_tokens.weight.new_zeros(rows, 1, dtype=torch.long)
+    if not (plan_applies(model, cache, probe, None) and plan_applies(model, cache, probe.new_zeros(1, 2), None)):
+        return None
+    return PLAN_ROWS // rows
+
+
 def jamba_layers(cfg) -> str | None:
     """None when every layer is one csrc/decode.cpp's whole-step record describes (Mamba-1, Mamba-2 and full
     attention without positional encoding as mixers, SwiGLU MLPs or softmax-routed MoE with or without a

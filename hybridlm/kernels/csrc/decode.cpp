@@ -373,16 +373,11 @@ template <int NB, int KIND, bool ASYM, typename S>
 inline void tile_dot(const Mat& m, int64_t t, const int8_t* xq, const float* xd, const float* xs, const int32_t* xc,
                      int shift, float* s) {
     const int64_t ld = m.ld, nb = ld / 32, ng = ld / m.group;
-    constexpr int TB = KIND == I8 ? 256 : 128;               // bytes per tile block
-    const uint8_t* w = static_cast<const uint8_t*>(m.data) + t * nb * TB;
     const S* sc = static_cast<const S*>(m.scale) + t * ng * 8;
     const S* mn = ASYM ? static_cast<const S*>(m.min) + t * ng * 8 : nullptr;
 #ifdef __AVX2__
-    auto scales = [](const S* p) __attribute__((always_inline)) {
-        if constexpr (std::is_same_v<S, float>) return _mm256_loadu_ps(p);
-        else return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-    };
+    constexpr int TB = KIND == I8 ? 256 : 128;               // bytes per tile block
+    const uint8_t* w = static_cast<const uint8_t*>(m.data) + t * nb * TB;
     auto bcast = [](const int8_t* p) __attribute__((always_inline)) {
         int32_t v;
         std::memcpy(&v, p, 4);
@@ -419,33 +414,30 @@ inline void tile_dot(const Mat& m, int64_t t, const int8_t* xq, const float* xd,
                         _mm256_maddubs_epi16(a, _mm256_sign_epi8(bcast(xq + j * ld + blk * 32 + 4 * sb), v)), ones));
             }
         }
-        const __m256 sw = scales(sc + (blk >> shift) * 8);
+        const __m256 sw = load8(sc + (blk >> shift) * 8), mv = ASYM ? load8(mn + (blk >> shift) * 8) : sw;
         for (int j = 0; j < NB; ++j) {
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(sw, _mm256_set1_ps(xd[j * nb + blk])),
                                      acc[j]);
-            if (ASYM) acc[j] = _mm256_fmadd_ps(scales(mn + (blk >> shift) * 8), _mm256_set1_ps(xs[j * nb + blk]), acc[j]);
+            if (ASYM) acc[j] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[j * nb + blk]), acc[j]);
         }
     }
     for (int j = 0; j < NB; ++j) _mm256_storeu_ps(s + 8 * j, acc[j]);
 #else
     for (int j = 0; j < NB * 8; ++j) s[j] = 0.0f;
     for (int64_t blk = 0; blk < nb; ++blk) {
-        const uint8_t* wb = w + blk * TB;
         const int64_t G = (blk >> shift) * 8;
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < 8; ++i) {
+            int32_t q[32];
+            tile_q(m, t, blk, i, q);                  // row i's 32 integers of this block (mat.h)
             for (int j = 0; j < NB; ++j) {
                 const int8_t* x = xq + j * ld + blk * 32;
                 int32_t dot = 0;
-                for (int sb = 0; sb < (KIND == I8 ? 8 : 4); ++sb)
-                    for (int c = 0; c < 4; ++c) {
-                        const uint8_t byte = wb[sb * 32 + i * 4 + c];
-                        if (KIND == I8) dot += static_cast<int8_t>(byte) * x[4 * sb + c];
-                        else dot += (byte & 15) * x[8 * sb + c] + (byte >> 4) * x[8 * sb + 4 + c];
-                    }
+                for (int c = 0; c < 32; ++c) dot += q[c] * x[c];
                 if (KIND == I4 && !ASYM) dot -= xc[j * nb + blk];
                 s[j * 8 + i] += xd[j * nb + blk] * scale_of(sc, G + i) * static_cast<float>(dot);
                 if (ASYM) s[j * 8 + i] += scale_of(mn, G + i) * xs[j * nb + blk];
             }
+        }
     }
 #endif
 }
