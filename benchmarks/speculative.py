@@ -5,7 +5,7 @@ Trained model (``--target DIR``; writes ``--out``.md and .json), decode tok/s pl
       then a blank line and the file's first ``--cue-lines`` lines again, so the continuation re-emits the
       file (no instruction: the model only has to continue); k swept over ``--ks``;
   (b) a draft model (``--draft DIR``, the target's tokenizer, checked) on plain continuation of
-      ``--context-tokens`` tokens of held-out stdlib source, k = ``--draft-k``; and one sampled run at
+      ``--context-tokens`` tokens of held-out stdlib source, k swept over ``--draft-k``; and one sampled run at
       temperature 0.8 (the accept/reject rule: the output is distributed as the target's, not equal to
       plain sampling's), for its acceptance rate.
 Files are picked deterministically: stdlib documents in the validation split of every run that held out
@@ -134,6 +134,19 @@ def same_tokenizer(target: str, draft: str):
     return a
 
 
+def draft_training(path: str) -> str:
+    """How the draft was trained, from its metrics.jsonl when ``hybridlm train`` wrote one: the last
+    validation loss, and with --distill-from its agreement with the teacher."""
+    from hybridlm.train import read_metrics
+    f = Path(path) / "metrics.jsonl"
+    rows = [r for r in read_metrics(f) if "val_loss" in r] if f.exists() else []
+    if not rows:
+        return ""
+    r = rows[-1]
+    agree = f", top-1 agreement with its teacher {r['val_agree']:.1%}" if "val_agree" in r else ""
+    return f"trained {r['step']} steps, validation loss {r['val_loss']:.3f}{agree} (its metrics.jsonl)"
+
+
 def held_out_sources(tok, need: int) -> list[tuple[str, list[int]]]:
     """(key, token ids) of the held-out stdlib documents with at least ``need`` tokens, sorted by key."""
     from hybridlm.data import Corpus, split_score
@@ -260,7 +273,7 @@ def trained(args):
         tok = load_tokenizer(args.target)
     dtype = parse_dtype(args.dtype)
     target = load_model(args.target, dtype=dtype).eval()
-    draft = load_model(args.draft, dtype=dtype).eval() if args.draft else None
+    draft = load_model(args.draft, dtype=dtype, quantize=args.draft_quantize or None).eval() if args.draft else None
     if draft is not None:
         Speculative("draft", draft=draft).check(target)
     env = environment()
@@ -283,7 +296,7 @@ def trained(args):
     measure(target, w, 8, 1)
     measure(target, w, 8, 1, Speculative("lookup", k=max(args.ks)))
     if draft is not None:
-        measure(target, w, 8, 1, Speculative("draft", k=args.draft_k, draft=draft))
+        measure(target, w, 8, 1, Speculative("draft", k=max(args.draft_k), draft=draft))
 
     rows = []
 
@@ -303,21 +316,23 @@ def trained(args):
             spec = measure(target, x, args.new, args.repeats, Speculative("lookup", k=k))
             report(case_row("copy", "lookup", k, key, len(prompt), 0.0, plain, spec))
     if draft is not None:
-        print(f"(b) continuation of held-out source, draft model, k = {args.draft_k}:")
+        print(f"(b) continuation of held-out source, draft model, k in {args.draft_k}:")
         for key, ids in cont_src:
             prompt = tok.encode(head(tok, ids, args.context_tokens))
             x = torch.tensor([prompt])
             plain = measure(target, x, args.new, args.repeats)
-            spec = measure(target, x, args.new, args.repeats, Speculative("draft", k=args.draft_k, draft=draft))
-            report(case_row("continuation", "draft", args.draft_k, key, len(prompt), 0.0, plain, spec))
+            for k in args.draft_k:
+                spec = measure(target, x, args.new, args.repeats, Speculative("draft", k=k, draft=draft))
+                report(case_row("continuation", "draft", k, key, len(prompt), 0.0, plain, spec))
         if args.sampled:
             key, ids = cont_src[0]
             prompt = tok.encode(head(tok, ids, args.context_tokens))
             x = torch.tensor([prompt])
             plain = measure(target, x, args.new, args.repeats, temperature=args.temperature)
-            spec = measure(target, x, args.new, args.repeats, Speculative("draft", k=args.draft_k, draft=draft),
+            k = args.draft_k[0]
+            spec = measure(target, x, args.new, args.repeats, Speculative("draft", k=k, draft=draft),
                            temperature=args.temperature)
-            report(case_row("continuation", "draft", args.draft_k, key, len(prompt), args.temperature, plain, spec))
+            report(case_row("continuation", "draft", k, key, len(prompt), args.temperature, plain, spec))
 
     summary = summarise(rows)
     goals = verdicts(summary)
@@ -330,7 +345,8 @@ def trained(args):
            "load_average_end": load_average(), "wall_seconds": time.perf_counter() - t_start,
            "target": {"path": args.target, "params": target.num_params(),
                       "max_position_embeddings": cap},
-           "draft": {"path": args.draft, "params": draft.num_params()} if draft is not None else None,
+           "draft": {"path": args.draft, "params": draft.num_params(), "quantize": args.draft_quantize or None,
+                     "training": draft_training(args.draft)} if draft is not None else None,
            "dtype": args.dtype, "settings": {k: v for k, v in vars(args).items() if k not in ("preset", "prompt", "k")},
            "tokenizer": {"vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint() if tok.backend else None,
                          "draft_equal": draft is not None},
@@ -376,7 +392,8 @@ def report_md(res: dict, env_md: str) -> str:
     if load:
         lines.append(f"- load average at end (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
     lines += [f"- target: `{t['path']}` ({t['params'] / 1e6:.1f}M parameters), draft: " +
-              (f"`{d['path']}` ({d['params'] / 1e6:.1f}M parameters)" if d else "none") +
+              (f"`{d['path']}` ({d['params'] / 1e6:.1f}M parameters{', ' + d['quantize'] if d.get('quantize') else ''}"
+               f"{'; ' + d['training'] if d.get('training') else ''})" if d else "none") +
               f"; {res['dtype']}; tokenizer: {res['tokenizer']['vocab_size']} ids" +
               (", the draft's checked equal to the target's" if res["tokenizer"]["draft_equal"] else ""),
               f"- {s['new']} new tokens per run; fastest of {s['repeats']} run(s); decode tok/s = tokens after the "
@@ -442,7 +459,9 @@ def main():
     ap.add_argument("--draft", default="", help="a draft checkpoint with the target's tokenizer (empty: lookup only)")
     ap.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6],
                     help="prompt lookup's k, swept")
-    ap.add_argument("--draft-k", type=int, default=4)
+    ap.add_argument("--draft-k", type=lambda s: [int(x) for x in s.split(",")], default=[4],
+                    help="the draft model's k, swept (comma-separated; the sampled run takes the first)")
+    ap.add_argument("--draft-quantize", default="", help="load the draft model quantized (int8, int4, int4:g64, ...)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per task")
     ap.add_argument("--copy-tokens", type=int, default=768, help="copy task: tokens of the file in the prompt")
     ap.add_argument("--cue-lines", type=int, default=3, help="copy task: the file's first lines, repeated")

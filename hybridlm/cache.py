@@ -322,35 +322,37 @@ class Cache:
             counts.zero_()
             most = 0
         end = ck.pos + most
+        # rows by the count they keep: one group (a slice, no indexing copies) when all keep the same
         values = counts.unique().tolist()
+        groups = [(values[0], slice(None))] if len(values) == 1 else \
+            [(c, (counts == c).nonzero()[:, 0].to(self.device)) for c in values]
         for i, s in enumerate(self.layers):
             if isinstance(s, MambaState):
                 s.trail = None
                 conv, ssm = ck.mamba[i]
                 t = ck.trails.get(i)
-                for c in values:
-                    rows = (counts == c).to(s.ssm.device)
+                for c, rows in groups:
                     if c == 0:
                         s.conv[rows], s.ssm[rows] = conv[rows], ssm[rows]
                         continue
                     s.ssm[rows] = t.ssm[rows, c] if c < t.u.shape[1] else t.last[rows]
-                    u = t.u[rows].transpose(1, 2).to(conv.dtype)                # [r, d_in, l]
-                    window = torch.cat([conv[rows], u], -1)                     # [r, d_in, k-1+l]
-                    s.conv[rows] = window[:, :, c:c + conv.shape[2]]
+                    w = conv.shape[2]                                           # the conv window's inputs
+                    if c >= w:
+                        s.conv[rows] = t.u[rows, c - w:c].transpose(1, 2).to(conv.dtype)
+                    else:
+                        s.conv[rows] = torch.cat([conv[rows][:, :, c:], t.u[rows, :c].transpose(1, 2).to(conv.dtype)], -1)
             elif s is None:
                 continue
             elif s.window is None:
-                for c in values:
-                    rows = (counts == c).to(s.k.device)
+                for c, rows in groups:
                     s.k[rows, :, ck.pos + c:self.pos] = 0
                     s.v[rows, :, ck.pos + c:self.pos] = 0
             else:
                 idx, k, v = ck.ring[i]
                 s.k[:, :, idx[most:]] = k[:, :, most:]
                 s.v[:, :, idx[most:]] = v[:, :, most:]
-        for c in values:
-            self.valid[(counts == c).to(self.valid.device), ck.pos + c:self.pos] = False
-        self.valid[:, end:self.pos] = False
+        for c, rows in groups:
+            self.valid[rows, ck.pos + c:self.pos] = False
         self.seen.copy_(ck.seen + self.valid[:, ck.pos:end].sum(1))
         self.pos = end
         return counts if per_row else most

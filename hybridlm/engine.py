@@ -47,7 +47,7 @@ from .chat_template import text_decoder
 from .generate import Sampling, StopCriteria, decode_step, sample
 from .kernels import decode_cpu
 from .prefix_cache import PrefillJob, PrefixCache, remember_reply
-from .speculative import Speculative, keep_verified, plan
+from .speculative import Speculative, hole_room, keep_verified, plan
 
 log = logging.getLogger("hybridlm.engine")
 CAP_DRAFTS = True   # fit speculative verify chunks to the one-call C++ step (Batch._speculate; tests turn it off)
@@ -153,7 +153,8 @@ class Batch:
     cache. ``logits`` [B, v]: what the cache ended on, when the first step samples from them instead of
     decoding (after a prefill). A group with ``Rows.spec`` (speculative.py) speculates: each step it drafts
     tokens, one verify forward of the whole batch checks every group's drafts, and each of its rows keeps
-    its own number of tokens (``speculative.plan``); groups without it take one token per step as before."""
+    its own number of tokens (``speculative.plan``); groups without it take one token per step as before.
+    A step with no room for drafts (``_draft_cap``) is a plain one, whose fed tokens the drafters are told."""
 
     def __init__(self, model, cache: Cache | None = None, groups: list[Rows] | None = None,
                  logits: torch.Tensor | None = None):
@@ -176,9 +177,12 @@ class Batch:
         ``failed(group, exception)``: called when a group's sampling or text raises; the other groups go
         on (the caller takes the failed group out). Without it the exception propagates."""
         self._verified = None
-        if self.logits is None and any(g.spec is not None for g in self.groups):
-            return self._speculate(failed)
-        logits = self.logits if self.logits is not None else decode_step(self.model, self.cache, self.last)
+        spec = self.logits is None and any(g.spec is not None for g in self.groups)
+        cap = self._draft_cap() if spec else 0
+        if cap:
+            return self._speculate(failed, cap)
+        fed = self.last
+        logits = self.logits if self.logits is not None else decode_step(self.model, self.cache, fed)
         self.logits = None
         outs, last, o = [], [], 0
         for i, g in enumerate(self.groups):
@@ -195,9 +199,26 @@ class Batch:
                 outs.append(torch.full_like(tokens, -1))
             last.append(tokens)
         self.last = torch.cat(last)
+        if spec:                        # no room for drafts this step: the drafters learn what was fed
+            for g, o in zip(self.groups, self._starts()):
+                if g.spec is not None:
+                    g.spec.commit(fed[o:o + g.n, None], torch.ones(g.n, dtype=torch.long))
         return [torch.cat(outs)]
 
-    def _speculate(self, failed) -> list[torch.Tensor]:
+    def _draft_cap(self) -> int:
+        """The most tokens a row may draft this step: the cache's room, and where a plain step of these
+        rows is one C++ call, a verify chunk that stays one (kernels/decode_cpu.verify_tokens: rows x tokens
+        <= PLAN_ROWS, about 3 plain steps for 7 tokens); a longer chunk goes layer by layer and costs more
+        than its tokens save (4 requests at k = 6: 0.73x plain decoding, benchmarks/results/
+        engine_speculative.md). Fewer than 2 drafts per row do not pay for the verify (4 rows at k = 1:
+        0.89x): then 0, and the step is a plain one."""
+        cap = self.cache.max_len - self.cache.pos - 1
+        fit = decode_cpu.verify_tokens(self.model, self.cache, self.rows) if CAP_DRAFTS else None
+        if fit is not None:
+            cap = min(cap, fit - 1 if fit - 1 >= 2 else 0)
+        return max(cap, 0)
+
+    def _speculate(self, failed, cap: int) -> list[torch.Tensor]:
         """A speculative step (issue 14): every speculating group drafts for its rows; one verify forward of
         the chunk [B, 1 + L] (a row's last token, its drafts, filler after a shorter draft); each group
         verifies its rows with its own sampling and generator (a group that does not speculate samples its
@@ -219,15 +240,6 @@ class Batch:
                 bad.add(i)
                 return None
 
-        # where a plain step of these rows is one C++ call, so is a verify (kernels/decode_cpu.verify_tokens:
-        # rows x tokens <= PLAN_ROWS, about 3 plain steps for 7 tokens); a longer chunk goes layer by
-        # layer and costs more than its tokens save (4 requests at k = 6: 0.73x plain decoding,
-        # benchmarks/results/engine_speculative.md), so drafts are capped to fit it; fewer than 2 drafts per
-        # row do not pay for the verify (4 rows at k = 1: 0.89x), so then none
-        cap = free - 1
-        fit = decode_cpu.verify_tokens(self.model, cache, self.rows) if CAP_DRAFTS else None
-        if fit is not None:
-            cap = min(cap, fit - 1 if fit - 1 >= 2 else 0)
         drafts = []
         for i, g in enumerate(groups):
             n, tok = g.n, self.last[starts[i]:starts[i] + g.n]
@@ -354,11 +366,11 @@ class Batch:
         if not parts:
             self.cache = None
             return
-        # room for every row's remaining tokens, +1 to feed the last one when its state is stored; speculating
-        # rows that keep fewer tokens than others leave holes: as many slots again for them (gather drops the
-        # holes at the next regather)
+        # room for every row's remaining tokens, +1 to feed the last one when its state is stored, and for
+        # the holes speculating rows may leave (gather drops them at the next regather)
         room = max(int(g.remaining().max()) + 1 for g in groups)
-        room += max((int(g.remaining().max()) for g in groups if g.spec is not None), default=0)
+        room += hole_room(sum(g.n for g in groups),
+                          max((int(g.remaining().max()) for g in groups if g.spec is not None), default=0))
         self.cache = Cache.gather(parts, room)
 
 

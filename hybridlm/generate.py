@@ -241,12 +241,12 @@ def stream(model, input_ids: torch.Tensor, gen: Generation, mask: torch.Tensor |
     earlier steps, its tokens waiting here to be yielded, keeps those in the cache; ``engine.Batch.settle``).
     """
     from .engine import Batch, Rows   # engine.py builds on this module
+    from .speculative import hole_room
     b, l = input_ids.shape
     if gen.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {gen.max_new_tokens}")
     if cache is None:
-        # speculating rows that keep different counts leave holes in the cache: room for as many again
-        holes = gen.max_new_tokens if gen.speculative is not None and b > 1 else 0
+        holes = hole_room(b, gen.max_new_tokens) if gen.speculative is not None else 0
         cache = model.new_cache(b, l + gen.max_new_tokens + holes)
     elif cache.pos + l + gen.max_new_tokens > cache.max_len:
         raise ValueError(f"cache holds {cache.max_len} positions; {cache.pos} used + {l} prompt + "

@@ -226,26 +226,45 @@ class HybridLM(nn.Module):
         return out / self.config.logits_scaling if self.config.logits_scaling != 1 else out
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             activation_loss_coef: float = 0.0) -> dict:
+             activation_loss_coef: float = 0.0, teacher_logits: torch.Tensor | None = None,
+             distill: float = 1.0) -> dict:
         """Training objective: next-token cross-entropy + router_aux_loss_coef * load-balancing loss
         (+ activation_loss_coef * activation loss). input_ids, targets: [b, l].
-        Returns {'loss', 'ce', 'aux', 'act'}.
+        Returns {'loss', 'ce', 'aux', 'act', 'kd', 'agree'}.
 
         The activation loss follows the Jamba-1.5 report ("Activation loss"): some activations grew
         to ~4e9 in pre-training, so a term proportional to their mean square is added. Here: mean(x^2)
-        of every layer's output, averaged over layers. 'act' is 0 when the coefficient is 0."""
+        of every layer's output, averaged over layers. 'act' is 0 when the coefficient is 0.
+
+        ``teacher_logits`` [b, l, v] (another model's logits on the same input: knowledge distillation, e.g.
+        to train a speculative draft model, train.py ``--distill-from``): the objective's cross-entropy
+        becomes (1 - distill) * ce + distill * kd, kd the KL divergence KL(teacher || this model) per token
+        (the positions ``targets`` ignores excluded); 'agree' is the share of positions where both models'
+        most likely token is the same (what a greedy draft's acceptance rate follows). Both are 0 without."""
         outs = [] if activation_loss_coef else None
         h, router_logits = self.hidden(input_ids, layer_outputs=outs)
         logits = self.logits(h)
-        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=ignore_index)
+        flat = logits.float().view(-1, logits.shape[-1])
+        ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index)
         aux = load_balancing_loss(router_logits, self.config.num_experts_per_tok) if router_logits \
             else ce.new_zeros(())
         act = torch.stack([o.float().pow(2).mean() for o in outs]).mean() if outs else ce.new_zeros(())
-        loss = ce + self.config.router_aux_loss_coef * aux
+        kd = agree = ce.new_zeros(())
+        objective = ce
+        if teacher_logits is not None:
+            if teacher_logits.shape != logits.shape:
+                raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match the model's "
+                                 f"{tuple(logits.shape)} (the teacher must share the vocabulary)")
+            keep = targets.reshape(-1) != ignore_index
+            t = teacher_logits.detach().float().view(-1, flat.shape[-1])[keep]
+            s = flat[keep]
+            kd = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
+            agree = (s.detach().argmax(-1) == t.argmax(-1)).float().mean()
+            objective = (1 - distill) * ce + distill * kd
+        loss = objective + self.config.router_aux_loss_coef * aux
         if activation_loss_coef:
             loss = loss + activation_loss_coef * act
-        return {"loss": loss, "ce": ce, "aux": aux, "act": act}
+        return {"loss": loss, "ce": ce, "aux": aux, "act": act, "kd": kd, "agree": agree}
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,

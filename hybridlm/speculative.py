@@ -246,6 +246,13 @@ class SpecRun:
         self.drafter.commit(chunk, kept)
 
 
+def hole_room(rows: int, remaining: int) -> int:
+    """Cache slots a speculating batch of ``rows`` rows needs beyond its ``remaining`` tokens: a row that keeps
+    fewer of a verify chunk's tokens than another leaves a hole of unused slots (``Cache.rollback``), at most
+    one per token it has still to produce; a single row never does."""
+    return remaining if rows > 1 else 0
+
+
 def plan(want: torch.Tensor, active: torch.Tensor, slack: torch.Tensor, per_row: bool) -> torch.Tensor:
     """Tokens each row of a batch keeps of a verify chunk, [B]. ``want`` [B]: what each row's verdict
     allows (accepted drafts + 1; 1 for a row that drafted nothing); ``active`` [B]: rows not finished before

@@ -97,6 +97,11 @@ class TrainConfig:
             slower than fp32)
         checkpointing: activation checkpointing per layer (less memory, about a third more compute)
         activation_loss: Jamba-1.5 activation loss coefficient alpha (alpha * mean(x^2)); 0: off
+        distill_from: a teacher checkpoint (same tokenizer): knowledge distillation, the teacher's logits on
+            each batch are the target (a speculative decoding draft model: train a small model this way
+            to agree with the model it drafts for)
+        distill: with --distill-from: the loss is (1 - distill) * cross-entropy + distill * KL(teacher ||
+            student)
         eval_every: validation every N steps (and at the end); 0: only at the end
         eval_sequences: validation sequences (a fixed, evenly spaced subset of the validation split)
         save_every: checkpoint every N steps (and at the end)
@@ -118,6 +123,7 @@ class TrainConfig:
         hybridlm train --init runs/tiny --data notes.jsonl --text-field body --lr 3e-4 --steps 200 --out runs/ft
         hybridlm train --out runs/quickstart --steps 300 --resume
         hybridlm train --init runs/tiny --data notes.txt --steps 50 --out runs/tiny --overwrite
+        hybridlm train --init runs/quickstart --distill-from runs/big --lr 1e-3 --steps 300 --out runs/draft
         torchrun --nproc_per_node 2 -m hybridlm train --preset tiny --parallel fsdp --out runs/ddp
     """
     out: str = "runs/tiny"
@@ -140,6 +146,8 @@ class TrainConfig:
     dtype: str = "auto"
     checkpointing: bool = False
     activation_loss: float = 0.0
+    distill_from: str = ""
+    distill: float = 1.0
     eval_every: int = 50
     eval_sequences: int = 64
     save_every: int = 50
@@ -168,6 +176,7 @@ class TrainConfig:
         need(0 <= self.weight_decay < math.inf, f"--weight-decay must be a number >= 0, got {self.weight_decay}")
         need(0 <= self.activation_loss < math.inf,
              f"--activation-loss must be a number >= 0 (0 turns it off), got {self.activation_loss}")
+        need(0 <= self.distill <= 1, f"--distill must be in [0, 1], got {self.distill}")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         need(abs(self.seed) < 2 ** 32, f"--seed must be in -4294967295..4294967295, got {self.seed}")
         from .cli import threads_problem
@@ -247,14 +256,24 @@ def _init_distributed() -> _Dist:
 
 class LossModule(nn.Module):
     """The model's training loss as a module ``forward``: DDP and FSDP2 hook ``forward`` (gradient
-    sync, parameter gathering), while the objective is ``HybridLM.loss``."""
+    sync, parameter gathering), while the objective is ``HybridLM.loss``. ``teacher``: a frozen model
+    whose logits the student learns (``--distill-from``); kept out of the module's parameters (a plain
+    attribute in a tuple), so DDP/FSDP and the optimizer never see it."""
 
-    def __init__(self, model: HybridLM, activation_loss: float):
+    def __init__(self, model: HybridLM, activation_loss: float, teacher: HybridLM | None = None,
+                 distill: float = 1.0):
         super().__init__()
-        self.model, self.activation_loss = model, activation_loss
+        self.model, self.activation_loss, self.distill = model, activation_loss, distill
+        self._teacher = (teacher,)
 
     def forward(self, input_ids, targets):
-        return self.model.loss(input_ids, targets, activation_loss_coef=self.activation_loss)
+        teacher = self._teacher[0]
+        logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                logits = teacher(input_ids)
+        return self.model.loss(input_ids, targets, activation_loss_coef=self.activation_loss,
+                               teacher_logits=logits, distill=self.distill)
 
 
 def autocast(device: torch.device | str, dtype: str):
@@ -272,6 +291,9 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> str:
     return "bf16" if torch.device(device).type != "cpu" or kernels._FAST_BF16 else "fp32"
 
 
+KEYS = ("loss", "ce", "aux", "act", "kd", "agree")     # HybridLM.loss's terms, averaged over a step
+
+
 def train_step(module: nn.Module, micro_batches, accum: int, params, grad_clip: float, dtype: str = "fp32",
                sync=None, reduce=None) -> dict:
     """Forward and backward of one optimizer step, gradients left in ``.grad`` (the caller steps the
@@ -282,14 +304,15 @@ def train_step(module: nn.Module, micro_batches, accum: int, params, grad_clip: 
         wrapped in DDP/FSDP); micro_batches: ``accum`` tuples (input_ids [b, l], targets [b, l], is_last);
         each micro-batch's loss is scaled by 1/accum, so the gradient is the global batch's mean.
     sync(is_last): a context for the backward (DDP's ``no_sync`` before the last micro-batch);
-    reduce(t): averages a tensor over processes. Returns loss, ce, aux, act and the pre-clip grad_norm."""
+    reduce(t): averages a tensor over processes. Returns loss, ce, aux, act, kd, agree (HybridLM.loss) and
+    the pre-clip grad_norm."""
     parts = None
     for x, y, last in micro_batches:
         with sync(last) if sync else contextlib.nullcontext():
             with autocast(x.device, dtype):
                 out = module(x, y)
             (out["loss"] / accum).backward()
-        p = torch.stack([out[k].detach().float() for k in ("loss", "ce", "aux", "act")]) / accum
+        p = torch.stack([out[k].detach().float() for k in KEYS]) / accum
         parts = p if parts is None else parts + p
     if reduce:
         parts = reduce(parts)
@@ -297,8 +320,7 @@ def train_step(module: nn.Module, micro_batches, accum: int, params, grad_clip: 
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     if hasattr(norm, "full_tensor"):                                   # FSDP2: a DTensor
         norm = norm.full_tensor()
-    loss, ce, aux, act = parts.tolist()
-    return {"loss": loss, "ce": ce, "aux": aux, "act": act, "grad_norm": float(norm)}
+    return dict(zip(KEYS, parts.tolist()), grad_norm=float(norm))
 
 
 # ---- the trainer -------------------------------------------------------------------------------
@@ -552,7 +574,7 @@ class Trainer:
         model.requires_grad_(True)
         model.checkpointing = cfg.checkpointing
         self.model = model
-        step = LossModule(model, cfg.activation_loss)
+        step = LossModule(model, cfg.activation_loss, self._teacher(mc), cfg.distill)
         if self.d.world > 1 and cfg.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             # an expert that receives no token in a micro-batch gets no gradient: DDP must look for those
@@ -568,6 +590,34 @@ class Trainer:
         fsdp = self.d.world > 1 and cfg.parallel == "fsdp"
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, fused=not fsdp)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+
+    def _teacher(self, mc: HybridConfig) -> HybridLM | None:
+        """--distill-from: the teacher, frozen, in fp32 on this process's device; it must read the
+        student's tokens as the student does (same tokenizer), so its logits mean the same tokens."""
+        cfg = self.cfg
+        if not cfg.distill_from:
+            return None
+        from .tokenizer import load_tokenizer
+        where = Path(cfg.distill_from)
+        if not (where / "config.json").is_file():
+            raise ValueError(f"--distill-from {cfg.distill_from}: not a checkpoint directory (no config.json); "
+                             f"give the directory of a trained model (hybridlm train --out, or a HF checkpoint)")
+        try:
+            theirs = load_tokenizer(where).fingerprint()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--distill-from {cfg.distill_from}: its tokenizer cannot be read ({e}); the teacher "
+                             f"needs the tokenizer it was trained with") from None
+        if theirs != self.tokenizer.fingerprint():
+            raise ValueError(f"--distill-from {cfg.distill_from}: its tokenizer differs from this run's; a teacher "
+                             f"must share the student's tokenizer (train the student with --tokenizer "
+                             f"{cfg.distill_from}, or --init a model that has it)")
+        teacher = HybridLM.from_pretrained(where, dtype=torch.float32)
+        if teacher.config.vocab_size != mc.vocab_size:
+            raise ValueError(f"--distill-from {cfg.distill_from}: the teacher's vocabulary has "
+                             f"{teacher.config.vocab_size} rows, the student's {mc.vocab_size}")
+        self.log(f"distilling from {cfg.distill_from} ({teacher.num_params():,} parameters, frozen): loss = "
+                 f"{1 - cfg.distill:g} x cross-entropy + {cfg.distill:g} x KL(teacher || student)")
+        return teacher.to(self.d.device).eval().requires_grad_(False)
 
     @staticmethod
     def _reshape(model: HybridLM, mc: HybridConfig) -> HybridLM:
@@ -674,19 +724,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean next-token cross-entropy over the fixed validation subset (all processes together)."""
+        """Mean next-token cross-entropy over the fixed validation subset (all processes together); with
+        --distill-from, ``self.val_agree`` becomes the share of its positions where the student's most
+        likely token is the teacher's."""
         if not self.val_ids:
             return None
         self.model.eval()
-        total = torch.zeros(2, device=self.d.device)                     # sum of ce * sequences, sequences
+        total = torch.zeros(3, device=self.d.device)                     # sums of ce, agree (x sequences), sequences
         for i in range(0, len(self.val_ids), self.micro):
             x, y = self.val_seqs.batch(self.val_ids[i:i + self.micro])
             with autocast(self.d.device, self.dtype):
                 out = self.step_module(x.to(self.d.device), y.to(self.d.device))
-            total += torch.stack([out["ce"].float() * len(x), torch.tensor(float(len(x)), device=self.d.device)])
+            total += torch.stack([out["ce"].float() * len(x), out["agree"].float() * len(x),
+                                  torch.tensor(float(len(x)), device=self.d.device)])
         self.model.train()
         total = self.d.mean(total)
-        return float(total[0] / total[1])
+        self.val_agree = float(total[1] / total[2])
+        return float(total[0] / total[2])
 
     def fit(self) -> dict:
         cfg, d = self.cfg, self.d
@@ -724,13 +778,19 @@ class Trainer:
                        "train_time": self.train_time}
                 if cfg.activation_loss:
                     row["act"] = m["act"]
+                if cfg.distill_from:
+                    row["kd"], row["agree"] = m["kd"], m["agree"]
                 if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
                     val = self.evaluate()
                     if val is not None:
                         row["val_loss"], row["val_ppl"] = val, math.exp(min(val, 700.0))
+                        agree = ""
+                        if cfg.distill_from:
+                            row["val_agree"] = self.val_agree
+                            agree = f"  val agreement with the teacher {self.val_agree:.1%}"
                         if d.main:
                             bar.write(f"step {done}: train loss {m['ce']:.4f}  val loss {val:.4f}  "
-                                      f"val ppl {row['val_ppl']:.2f}", file=sys.stderr)
+                                      f"val ppl {row['val_ppl']:.2f}{agree}", file=sys.stderr)
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()

@@ -62,9 +62,9 @@ def verified(monkeypatch):
     """The rows of every speculative step the engine runs."""
     rows, real = [], engine_mod.Batch._speculate
 
-    def spy(self, failed):
+    def spy(self, failed, cap):
         rows.append(self.rows)
-        return real(self, failed)
+        return real(self, failed, cap)
     monkeypatch.setattr(engine_mod.Batch, "_speculate", spy)
     return rows
 

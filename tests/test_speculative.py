@@ -566,3 +566,34 @@ def test_verify_chunks_of_a_batch_stay_in_the_one_call_step(rows, most, monkeypa
     assert torch.equal(out, run(m, prompts, 24))
     assert max((l for _, l in seen), default=1) == 1 + most
     assert all(b * l <= decode_cpu.PLAN_ROWS for b, l in seen)
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft"])
+def test_a_batch_with_no_room_for_drafts_takes_plain_steps_and_its_drafters_follow(kind, monkeypatch):
+    """4 rows: no draft fits the one-call verify (2 tokens per row), so every step is a plain one (no
+    speculative step, no verify forward), and each drafter is told what went into the target's cache: its
+    context is the prompt and every token fed (all but the last), a draft model's cache plus backlog as long."""
+    from hybridlm import engine
+    m = tiny(**LAYOUTS["jamba"])
+    prompts = [repetitive(9 + 2 * i, seed=i) for i in range(4)]
+    runs, steps = [], []
+    real_run, real_spec = Speculative.run, engine.Batch._speculate
+
+    def spy_run(self, *a, **kw):
+        runs.append(real_run(self, *a, **kw))
+        return runs[-1]
+
+    def spy_spec(self, *a, **kw):
+        steps.append(self.rows)
+        return real_spec(self, *a, **kw)
+    monkeypatch.setattr(Speculative, "run", spy_run)
+    monkeypatch.setattr(engine.Batch, "_speculate", spy_spec)
+    spec = drafter(kind, m, 4)
+    out = run(m, prompts, 12, spec)
+    assert torch.equal(out, run(m, prompts, 12)) and steps == [] and spec.stats.forwards == 0
+    (r,) = runs
+    for i, p in enumerate(prompts):
+        assert r.ctx[i] == p + out[i, :-1].tolist()
+        if kind == "draft":
+            d = r.drafter
+            assert int(d.cache.seen[i]) + len(d.backlog[i]) == len(r.ctx[i])

@@ -105,6 +105,36 @@ def test_activation_loss_is_mean_square_of_layer_outputs():
     assert model.loss(x[:, :-1], x[:, 1:])["act"] == 0
 
 
+
+def test_distillation_loss_is_kl_to_the_teacher_and_agreement_counts_argmax_matches():
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", num_hidden_layers=2, layout="mA", vocab_size=64)).init_weights(0)
+    x = torch.randint(0, 64, (2, 9))
+    y = x[:, 1:].clone()
+    y[0, :3] = -100                                                       # ignored positions leave kd out
+    with torch.no_grad():
+        student = model(x[:, :-1])
+    teacher = student.clone()
+    teacher[1] += 5 * student.std() * torch.randn_like(student[1])        # row 1 disagrees, row 0 does not
+    out = model.loss(x[:, :-1], y, teacher_logits=teacher, distill=0.75)
+    keep = (y != -100).reshape(-1)
+    t = teacher.reshape(-1, 64)[keep].log_softmax(-1)
+    s = student.reshape(-1, 64)[keep].log_softmax(-1)
+    kl = (t.exp() * (t - s)).sum(-1).mean()
+    torch.testing.assert_close(out["kd"], kl, atol=1e-5, rtol=1e-5)
+    agree = (t.argmax(-1) == s.argmax(-1)).float().mean()
+    assert 0 < float(agree) < 1 and out["agree"] == agree
+    aux = model.config.router_aux_loss_coef * out["aux"]
+    torch.testing.assert_close(out["loss"], 0.25 * out["ce"] + 0.75 * kl + aux, atol=1e-5, rtol=1e-5)
+    # a teacher equal to the student: nothing to learn, full agreement
+    same = model.loss(x[:, :-1], y, teacher_logits=student)
+    assert float(same["kd"].detach()) < 1e-6 and float(same["agree"]) == 1.0
+    plain = model.loss(x[:, :-1], y)
+    assert plain["kd"] == 0 and plain["agree"] == 0
+    torch.testing.assert_close(plain["loss"], plain["ce"] + aux)
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.loss(x[:, :-1], y, teacher_logits=teacher[..., :32])
+
 # ---- the command line --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli_run(setup):
@@ -440,3 +470,35 @@ def test_the_ablation_lab_trains_through_the_trainers_step(setup, tmp_path):
     assert curve[0]["loss"] == pytest.approx(m["ce"], rel=1e-6)
     for (name, a), b in zip(trainer.model.named_parameters(), OneBatch.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_distill_from_a_teacher_raises_agreement_and_refuses_another_tokenizer(setup, cli_run, tmp_path, capsys):
+    """--distill-from: the student (here a smaller model) learns the teacher's logits; validation reports
+    how often the two pick the same token, and the run's own numbers show it rising."""
+    teacher, _ = cli_run
+    cfg = config(setup, tmp_path / "draft", overrides=SMALL.replace("hidden_size=64", "hidden_size=32"),
+                 distill_from=str(teacher), steps=12, save_every=12, eval_every=4, lr=1e-2, warmup=0)
+    train(cfg)
+    rows = read_metrics(Path(cfg.out) / "metrics.jsonl")
+    val = [r["val_agree"] for r in rows if "val_agree" in r]
+    assert len(val) == 3 and val[-1] > val[0], val
+    assert all(0 <= r["agree"] <= 1 and r["kd"] >= 0 for r in rows)
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["kd"] + 1e-3 * rows[-1]["aux"], rel=1e-4)  # distill=1
+    assert "val agreement with the teacher" in capsys.readouterr().err
+    # a teacher with another tokenizer would score other tokens: refused, with the fix named
+    other = tmp_path / "other"
+    HybridLM.from_pretrained(teacher).save_pretrained(other)
+    tok = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (teacher / f).exists():
+            (other / f).write_text((teacher / f).read_text())
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        train(config(setup, tmp_path / "draft2", distill_from=str(other), steps=2))
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        train(config(setup, tmp_path / "draft3", distill_from=str(tmp_path), steps=2))
+    with pytest.raises(ValueError, match="--distill must be in"):
+        config(setup, tmp_path / "draft4", distill_from=str(teacher), distill=1.5)
