@@ -134,6 +134,37 @@ def same_tokenizer(target: str, draft: str):
     return a
 
 
+def step_costs(target, draft, ids: list[int], spans=(2, 3, 5, 7)) -> dict:
+    """What one speculative step is made of, in ms (fastest of 5 x 20 calls, after a prefill of ``ids``):
+    a plain decode step of the target; a verify forward of L tokens (a checkpoint with trails, the forward,
+    a rollback keeping one token: a plain step's worth of progress, so the cache grows as decoding does);
+    a draft model's decode step."""
+    from hybridlm.generate import decode_step, prefill
+
+    def per_call(fn, n=20):
+        return best_ms(lambda: [fn() for _ in range(n)]) / n
+
+    out = {}
+    tok = torch.tensor([ids[-1]])
+    with torch.no_grad():
+        cache = target.new_cache(1, len(ids) + 2048)
+        prefill(target, cache, torch.tensor([ids]))
+        out["plain_ms"] = per_call(lambda: decode_step(target, cache, tok))
+        for span in spans:
+            chunk = torch.tensor([ids[-span:]])
+
+            def verify():
+                ck = cache.checkpoint(span, trail=True)
+                target(chunk, cache)
+                cache.rollback(ck, 1)
+            out[f"verify_{span}_ms"] = per_call(verify)
+        if draft is not None:
+            dcache = draft.new_cache(1, len(ids) + 2048)
+            prefill(draft, dcache, torch.tensor([ids]))
+            out["draft_ms"] = per_call(lambda: decode_step(draft, dcache, tok))
+    return out
+
+
 def draft_training(path: str) -> str:
     """How the draft was trained, from its metrics.jsonl when ``hybridlm train`` wrote one: the last
     validation loss, and with --distill-from its agreement with the teacher."""
@@ -298,6 +329,9 @@ def trained(args):
     if draft is not None:
         measure(target, w, 8, 1, Speculative("draft", k=max(args.draft_k), draft=draft))
 
+    cost_ids = (cont_src or copy_src)[0][1][:args.context_tokens]
+    costs = step_costs(target, draft, cost_ids)
+    print("costs: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()), flush=True)
     rows = []
 
     def report(r):
@@ -322,7 +356,8 @@ def trained(args):
             x = torch.tensor([prompt])
             plain = measure(target, x, args.new, args.repeats)
             for k in args.draft_k:
-                spec = measure(target, x, args.new, args.repeats, Speculative("draft", k=k, draft=draft))
+                spec = measure(target, x, args.new, args.repeats,
+                               Speculative("draft", k=k, draft=draft, adaptive=not args.fixed_k))
                 report(case_row("continuation", "draft", k, key, len(prompt), 0.0, plain, spec))
         if args.sampled:
             key, ids = cont_src[0]
@@ -330,7 +365,8 @@ def trained(args):
             x = torch.tensor([prompt])
             plain = measure(target, x, args.new, args.repeats, temperature=args.temperature)
             k = args.draft_k[0]
-            spec = measure(target, x, args.new, args.repeats, Speculative("draft", k=k, draft=draft),
+            spec = measure(target, x, args.new, args.repeats,
+                           Speculative("draft", k=k, draft=draft, adaptive=not args.fixed_k),
                            temperature=args.temperature)
             report(case_row("continuation", "draft", k, key, len(prompt), args.temperature, plain, spec))
 
@@ -350,7 +386,7 @@ def trained(args):
            "dtype": args.dtype, "settings": {k: v for k, v in vars(args).items() if k not in ("preset", "prompt", "k")},
            "tokenizer": {"vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint() if tok.backend else None,
                          "draft_equal": draft is not None},
-           "rows": rows, "summary": summary, "targets": goals, "identical": not mismatches, "identical_line": same_line}
+           "costs": costs, "rows": rows, "summary": summary, "targets": goals, "identical": not mismatches, "identical_line": same_line}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")      # first: a report bug loses nothing
@@ -401,7 +437,9 @@ def report_md(res: dict, env_md: str) -> str:
               f"- (a) copy task: a held-out stdlib file's first {s['copy_tokens']} tokens (cut to whole lines), a "
               f"blank line, then its first {s['cue_lines']} lines again; greedy; prompt lookup with n-grams 3, 2, 1",
               f"- (b) continuation: a held-out stdlib file's first {s['context_tokens']} tokens (whole lines); greedy, "
-              f"and one run sampled at temperature {s['temperature']} (seed 0)\n",
+              f"and one run sampled at temperature {s['temperature']} (seed 0); the draft model's k "
+              + ("fixed (--fixed-k)" if s.get("fixed_k") else "the most per step: adaptive (speculative.SpecRun.k_now)")
+              + "\n",
               "## Summary (all prompts of a case pooled: total tokens / total decode seconds)\n",
               "| task | method | k | temperature | prompts | plain tok/s | speculative tok/s | speed-up | acceptance "
               "| tokens per target forward | greedy output |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -422,7 +460,28 @@ def report_md(res: dict, env_md: str) -> str:
                      f"{r['prompt_tokens']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | "
                      f"{r['acceptance']:.0%} | {r['tokens_per_forward']:.2f} | {r['stats']['forwards']} | "
                      f"{r['stats']['rollbacks']} | {same} |")
-    lines += ["", paragraph(res)]
+    lines += ["", costs_md(res.get("costs"), s["context_tokens"]), paragraph(res)]
+    return "\n".join(lines) + "\n"
+
+
+def costs_md(c: dict | None, context: int) -> str:
+    """The measured parts of a speculative step, and the most a draft model could give with every draft
+    accepted: k + 1 tokens for a verify of k + 1 plus k draft steps, against k + 1 plain steps."""
+    if not c:
+        return ""
+    p = c["plain_ms"]
+    lines = [f"## What a speculative step costs (after a {context}-token prompt; fastest of 5 x 20 calls)\n",
+             "| part | ms | plain steps |", "|---|---:|---:|", f"| plain decode step (target) | {p:.2f} | 1.00 |"]
+    spans = sorted(int(k.split("_")[1]) for k in c if k.startswith("verify_"))
+    for n in spans:
+        lines.append(f"| verify forward of {n} tokens (checkpoint, trails, rollback) | {c[f'verify_{n}_ms']:.2f} | "
+                     f"{c[f'verify_{n}_ms'] / p:.2f} |")
+    if "draft_ms" in c:
+        d = c["draft_ms"]
+        lines.append(f"| draft model decode step | {d:.2f} | {d / p:.2f} |")
+        bound = ", ".join(f"k = {n - 1}: {n * p / (c[f'verify_{n}_ms'] + (n - 1) * d):.2f}x" for n in spans)
+        lines += ["", f"With every draft accepted, a step of k drafts gives k + 1 tokens for a verify of k + 1 and "
+                      f"k draft steps, so a draft model can give at most: {bound}."]
     return "\n".join(lines) + "\n"
 
 
@@ -461,6 +520,8 @@ def main():
                     help="prompt lookup's k, swept")
     ap.add_argument("--draft-k", type=lambda s: [int(x) for x in s.split(",")], default=[4],
                     help="the draft model's k, swept (comma-separated; the sampled run takes the first)")
+    ap.add_argument("--fixed-k", action="store_true",
+                    help="the draft model drafts k every step (default: adaptive, speculative.SpecRun.k_now)")
     ap.add_argument("--draft-quantize", default="", help="load the draft model quantized (int8, int4, int4:g64, ...)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per task")
     ap.add_argument("--copy-tokens", type=int, default=768, help="copy task: tokens of the file in the prompt")

@@ -154,7 +154,8 @@ class Batch:
     decoding (after a prefill). A group with ``Rows.spec`` (speculative.py) speculates: each step it drafts
     tokens, one verify forward of the whole batch checks every group's drafts, and each of its rows keeps
     its own number of tokens (``speculative.plan``); groups without it take one token per step as before.
-    A step with no room for drafts (``_draft_cap``) is a plain one, whose fed tokens the drafters are told."""
+    A step with no drafts (no room for them: ``_draft_cap``; draft models pausing: ``SpecRun.k_now``) is a plain
+    one, whose fed tokens the drafters are told."""
 
     def __init__(self, model, cache: Cache | None = None, groups: list[Rows] | None = None,
                  logits: torch.Tensor | None = None):
@@ -178,7 +179,8 @@ class Batch:
         on (the caller takes the failed group out). Without it the exception propagates."""
         self._verified = None
         spec = self.logits is None and any(g.spec is not None for g in self.groups)
-        cap = self._draft_cap() if spec else 0
+        drafting = spec and any(g.spec is not None and g.spec.k_now for g in self.groups)
+        cap = self._draft_cap() if drafting else 0
         if cap:
             return self._speculate(failed, cap)
         fed = self.last
@@ -199,7 +201,7 @@ class Batch:
                 outs.append(torch.full_like(tokens, -1))
             last.append(tokens)
         self.last = torch.cat(last)
-        if spec:                        # no room for drafts this step: the drafters learn what was fed
+        if spec:                        # no drafts this step: the drafters learn what was fed
             for g, o in zip(self.groups, self._starts()):
                 if g.spec is not None:
                     g.spec.commit(fed[o:o + g.n, None], torch.ones(g.n, dtype=torch.long))
@@ -245,7 +247,7 @@ class Batch:
             n, tok = g.n, self.last[starts[i]:starts[i] + g.n]
             out = None
             if g.spec is not None:
-                limit = (rem[starts[i]:starts[i] + n] - 1).clamp(0, min(g.spec.spec.k, cap))
+                limit = (rem[starts[i]:starts[i] + n] - 1).clamp(0, min(g.spec.k_now, cap))
                 out = guard(i, g.spec.propose, tok, limit, g.sampling, g.seen, g.generator, g.counts)
             drafts.append(out or (tok.new_zeros(n, 0), tok.new_zeros(n), None))
         L = max(d.shape[1] for d, _, _ in drafts)

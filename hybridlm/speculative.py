@@ -28,8 +28,9 @@ invalidated. Two strategies, both exact (``Speculative.rollback``):
 Copy is the cheaper: recording costs a write of the [b, k+1, d_in, n] states, the rerun a forward of m
 tokens (benchmarks/speculative.py; bench-88m, fp32, one thread, k = 4, a verify plus keeping m = 1..4:
 144-156 ms by copy, 185-297 ms by rerun).
-The draft model's cache is restored to its checkpoint after every verification and its kept tokens fed
-with its next draft's first forward (a chunk instead of one token: no extra forward either).
+The draft model keeps the drafts the target accepted in its own cache (it fed them while drafting; a
+checkpoint before each one lets it return to the last one kept), and feeds the rest (the last draft, the
+target's own token) with its next draft's first forward: no extra forward either.
 
 Batches (``engine.Batch``: ``generate.stream``'s rows, the server's requests, each group with its own
 sampling, generator and drafter state, ``SpecRun``): one verify forward checks every row's draft (a chunk
@@ -98,12 +99,16 @@ class Speculative:
 
     method: "lookup" (prompt lookup) or "draft" (``draft``: a small model with the target's vocabulary);
     k: tokens drafted per verify forward (fewer near ``max_new_tokens``); ngrams: lookup's n-gram sizes,
-    tried longest first; rollback: "copy" or "rerun" (see the module docstring)."""
+    tried longest first; rollback: "copy" or "rerun" (see the module docstring); confidence: a draft model
+    stops drafting a row once its most likely token's probability is below this (0: always k drafts);
+    adaptive: a draft model's drafts per step follow its acceptance (``SpecRun.k_now``; False: always k)."""
     method: str = "lookup"
     k: int = 4
     ngrams: tuple[int, ...] = (3, 2, 1)
     draft: object = None
     rollback: str = "copy"
+    confidence: float = 0.0
+    adaptive: bool = True
     stats: SpecStats = field(default_factory=SpecStats)
 
     def __post_init__(self):
@@ -114,6 +119,8 @@ class Speculative:
         self.ngrams = tuple(sorted(set(self.ngrams), reverse=True))
         if not self.ngrams or any(not isinstance(n, int) or n < 1 for n in self.ngrams):
             raise ValueError(f"lookup n-gram sizes must be integers >= 1, got {self.ngrams!r}")
+        if not 0 <= self.confidence < 1:
+            raise ValueError(f"speculative confidence must be in [0, 1), got {self.confidence!r}")
         if self.rollback not in ("copy", "rerun"):
             raise ValueError(f"speculative rollback must be 'copy' or 'rerun', got {self.rollback!r}")
         if (self.method == "draft") != (self.draft is not None):
@@ -144,7 +151,7 @@ class Speculative:
         ``room`` free positions (a draft model's cache gets as many, plus a draft's)."""
         self.check(model)
         drafter = Lookup(self.ngrams) if self.method == "lookup" else \
-            DraftModel(self.draft, ctx, room + self.k + 1, prefill_chunk)
+            DraftModel(self.draft, ctx, room + self.k + 1, prefill_chunk, self.confidence)
         run = SpecRun(self, ctx, drafter)
         self.stats = run.stats
         return run
@@ -197,15 +204,33 @@ def for_request(value, default: Speculative | None) -> Speculative | None:
                        rollback=default.rollback if default is not None else "copy")
 
 
+PAUSE_STEPS = 8   # plain steps a draft model sits out after its drafts kept failing (SpecRun.k_now == 0)
+MIN_ACCEPTANCE = 0.6   # a draft model accepted less often than this (recent average) pauses: see SpecRun
+
+
 class SpecRun:
     """One group's speculation (rows that sample together, ``engine.Rows``): per row the tokens in the
     target's cache (``ctx``: what lookup searches) and the drafter's state (a draft model's cache). The
     batch's one verify forward and the rollback are ``engine.Batch``'s; ``propose``, ``verify`` and
-    ``commit`` are this group's part of a step."""
+    ``commit`` are this group's part of a step.
+
+    ``k_now``: drafts to ask for this step. Lookup always asks for k (its drafts cost nothing to make).
+    A draft model's drafts cost a step of its own each and a position of the verify forward, so the count
+    follows how they fare (as transformers' assisted generation does): 2 more (up to k) after a step whose
+    drafts were all accepted, 1 fewer otherwise; and 0 while the recent acceptance rate (``rate``, an
+    average over the last few steps' drafts) is below ``MIN_ACCEPTANCE``, where a verify forward costs more
+    than its drafts save (on the 25M model trained here a verify of k + 1 tokens costs about 1 + 0.25 k
+    plain steps and a 4.6M draft's step 0.25: benchmarks/results/speculative.md). At 0 the group decodes
+    plainly for ``PAUSE_STEPS`` steps, then tries one draft again. The counts depend on the tokens alone,
+    so seeded sampling stays reproducible."""
 
     def __init__(self, spec: Speculative, ctx: list[list[int]], drafter):
         self.spec, self.ctx, self.drafter = spec, ctx, drafter
         self.stats = SpecStats(kept=[0] * len(ctx))
+        self.k_now = spec.k
+        self._adaptive = spec.method == "draft" and spec.adaptive
+        self._idle = 0
+        self.rate = 1.0
 
     @property
     def per_row(self) -> bool:
@@ -234,12 +259,23 @@ class SpecRun:
         a, x = verify(logits, drafts, lens, q, s, g, _along(seen, drafts), _along(counts, drafts))
         emitted = torch.cat([drafts, x[:, None]], 1)
         emitted[torch.arange(len(x)), a] = x                              # e_j = d_j while accepted, then x
-        self.stats.drafted += int(lens.sum())
-        self.stats.accepted += int(a.sum())
+        drafted, accepted = int(lens.sum()), int(a.sum())
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        if self._adaptive and drafted:
+            self.rate = 0.7 * self.rate + 0.3 * accepted / drafted
+            self.k_now = min(self.spec.k, self.k_now + 2) if accepted == drafted else self.k_now - 1
+            if self.rate < MIN_ACCEPTANCE:
+                self.k_now = 0
         return emitted, a + 1
 
     def commit(self, chunk: torch.Tensor, kept: torch.Tensor):
-        """The target's cache kept ``chunk[i, :kept[i]]`` of each row's verified chunk [n, 1 + L]."""
+        """The target's cache kept ``chunk[i, :kept[i]]`` of each row's verified chunk [n, 1 + L] (or of the
+        tokens a plain step fed, [n, 1])."""
+        if self.k_now == 0:
+            self._idle += 1
+            if self._idle >= PAUSE_STEPS:        # try again: one good step is enough to go on
+                self.k_now, self._idle, self.rate = 1, 0, MIN_ACCEPTANCE
         for i, m in enumerate(kept.tolist()):
             self.ctx[i] += chunk[i, :m].tolist()
             self.stats.kept[i] += m
@@ -385,10 +421,16 @@ class Lookup:
 class DraftModel:
     """A small model drafting token by token from its own cache. The cache holds the context the target's
     holds, except ``backlog`` (per row, kept tokens not yet fed: they go in with the next draft's first
-    forward, a chunk whose rows may differ in length where the draft's cache takes holes)."""
+    forward, a chunk whose rows may differ in length where the draft's cache takes holes).
 
-    def __init__(self, model, ctx: list[list[int]], room: int, prefill_chunk: int):
-        self.model = model
+    Drafts the target accepts stay in the draft's cache: before feeding draft j it takes a checkpoint
+    (``cks``), and ``commit`` returns to the one after the last draft every row kept (fed again: only what a
+    row kept beyond that, and the last draft, which was never fed). ``confidence``: a row stops drafting
+    once the draft model's most likely token has less than this probability (its drafts would mostly be
+    rejected, and each costs a draft step and a verify position); drafting ends when every row stopped."""
+
+    def __init__(self, model, ctx: list[list[int]], room: int, prefill_chunk: int, confidence: float = 0.0):
+        self.model, self.confidence = model, confidence
         longest = max((len(c) for c in ctx), default=0)
         p = next(model.parameters())
         self.cache = model.new_cache(len(ctx), longest + room)
@@ -398,7 +440,7 @@ class DraftModel:
                 mask[[i for i, c in enumerate(ctx) if not c]] = False
             prefill(model, self.cache, ids.to(p.device), mask.to(p.device), prefill_chunk)
         self.backlog: list[list[int]] = [[] for _ in ctx]
-        self.ck = None
+        self.cks = None                     # checkpoints before drafts 2..k were fed (None: no draft pending)
         # rows keeping different counts leave backlogs of different lengths: fed as one chunk with holes
         self.per_row = self.cache.holes_exact()
 
@@ -416,36 +458,49 @@ class DraftModel:
             ck = self.cache.checkpoint(chunk.shape[1], trail=True)
             logits = self.model(chunk, self.cache)[torch.arange(b, device=tok.device), (n - 1).to(tok.device)]
             self.cache.rollback(ck, n)
-        self.ck = self.cache.checkpoint(k)
+        self.backlog = [[] for _ in range(b)]
+        self.cks = []
         seen = None if seen is None else seen.clone()
         counts = None if counts is None else counts.clone()
         drafts, qs = [], []
+        lens = torch.zeros(b, dtype=torch.long, device=tok.device)
+        alive = torch.ones(b, dtype=torch.bool, device=tok.device)
         for j in range(k):
             z = transform(logits, s, seen, counts)                      # [b, v]
+            q = z.softmax(-1) if s.temperature >= GREEDY_BELOW or self.confidence else None
             if s.temperature < GREEDY_BELOW:
                 d = z.argmax(-1)
             else:
-                q = z.softmax(-1)
                 d = torch.multinomial(q, 1, generator=g)[:, 0]
                 qs.append(q)
+            if self.confidence:
+                alive &= q.amax(-1) >= self.confidence
+            lens += alive
             drafts.append(d)
+            if not bool(alive.any()):
+                break
             if seen is not None:
                 seen[torch.arange(b), d] = True
             if counts is not None:
                 counts[torch.arange(b), d] += 1
             if j + 1 < k:
+                self.cks.append(self.cache.checkpoint(k - j))
                 logits = decode_step(self.model, self.cache, d)
         q = torch.stack(qs, 1) if qs else None
-        return torch.stack(drafts, 1), torch.full((b,), k, dtype=torch.long, device=tok.device), q
+        return torch.stack(drafts, 1), lens, q
 
     def commit(self, chunk: torch.Tensor, kept: torch.Tensor):
-        """The target kept ``chunk[i, :kept[i]]`` (the pending token, then accepted drafts): back to the
-        checkpoint after the pending token, and the kept drafts wait to be fed with the next draft. After
-        a step it did not draft for, the pending token waits too."""
+        """The target kept ``chunk[i, :kept[i]]`` (the pending token, then accepted drafts). The cache holds
+        the pending token and the drafts fed so far (all but the last): back to the checkpoint after the
+        fewest drafts any row kept, and each row's kept drafts past that wait to be fed with the next draft.
+        After a step it did not draft for, the pending token waits too."""
         kept = kept.tolist()
-        if self.ck is not None:
-            self.cache.rollback(self.ck)
-            self.ck = None
-            self.backlog = [chunk[i, 1:m].tolist() for i, m in enumerate(kept)]
-        else:
+        if self.cks is None:
             self.backlog = [r + chunk[i, :m].tolist() for i, (r, m) in enumerate(zip(self.backlog, kept))]
+            return
+        fed = len(self.cks)                                 # drafts in the cache
+        c = min(fed, min((max(m - 1, 0) for m in kept), default=0))
+        if c < fed:
+            self.cache.rollback(self.cks[c])
+        self.cks = None
+        self.backlog = [chunk[i, 1 + c:m].tolist() for i, m in enumerate(kept)]

@@ -61,7 +61,8 @@ def run(model, prompts, max_new, spec=None, sampling=None, stop=()):
 def drafter(kind, model, k, rollback="copy"):
     if kind == "lookup":
         return Speculative("lookup", k=k, rollback=rollback)
-    return Speculative("draft", k=k, draft=noisy_copy(model, 0.5), rollback=rollback)
+    # a fixed k (no adaptive drafting: these tests are about the verify and the rollback)
+    return Speculative("draft", k=k, draft=noisy_copy(model, 0.5), rollback=rollback, adaptive=False)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -597,3 +598,23 @@ def test_a_batch_with_no_room_for_drafts_takes_plain_steps_and_its_drafters_foll
         if kind == "draft":
             d = r.drafter
             assert int(d.cache.seen[i]) + len(d.backlog[i]) == len(r.ctx[i])
+
+
+def test_a_draft_model_drafts_fewer_tokens_as_they_fail_and_k_while_they_pass():
+    """Adaptive draft length (SpecRun.k_now): the target as its own draft keeps drafting k per step (all
+    accepted); an unrelated model's drafts fail, so the count falls to 0 and the group decodes plainly,
+    trying one draft every PAUSE_STEPS steps. Same output either way."""
+    from hybridlm.speculative import PAUSE_STEPS
+    m = tiny(**LAYOUTS["jamba"])
+    prompts = [repetitive(13, seed=1)]
+    plain = run(m, prompts, 60)
+    same = Speculative("draft", k=4, draft=m)
+    assert run(m, prompts, 60, same).tolist() == plain.tolist()
+    assert same.stats.accepted == same.stats.drafted and same.stats.tokens_per_forward > 4.5
+    other = Speculative("draft", k=4, draft=tiny(seed=7))
+    assert run(m, prompts, 60, other).tolist() == plain.tolist()
+    # fixed k would draft 4 per step (~240); adaptive: 4 + 3 + 2 + 1, then about one per PAUSE_STEPS + 1 steps
+    assert other.stats.drafted <= 10 + 60 // PAUSE_STEPS + 8, other.stats
+    assert other.stats.forwards < 20
+    fixed = Speculative("draft", k=4, draft=tiny(seed=7), adaptive=False)
+    assert run(m, prompts, 60, fixed).tolist() == plain.tolist() and fixed.stats.drafted >= 4 * 50
