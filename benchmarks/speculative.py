@@ -289,6 +289,40 @@ def fmt_k(r: dict) -> str:
     return f"{r['method']}, k={r['k']}" + (f", T={r['temperature']}" if r["temperature"] else "")
 
 
+def costs_only(args):
+    """The cost table alone, for a target of any size: what speculation could give there, at a measured
+    acceptance rate (its weights, random or trained, do not change what a step costs)."""
+    from hybridlm import HybridLM, preset
+    from hybridlm.bench import environment, environment_md
+    from hybridlm.checkpoint import load_model, parse_dtype
+    t0 = time.perf_counter()
+    target = load_model(args.target, dtype=parse_dtype(args.dtype), quantize=args.quantize or None).eval()
+    v = target.config.vocab_size
+    draft = HybridLM(preset(args.draft_preset, vocab_size=v)).init_weights(0).to(parse_dtype(args.dtype)).eval()
+    ids = torch.randint(0, v, (args.context_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    print(f"target {args.target} ({target.num_params() / 1e6:.0f}M parameters{', ' + args.quantize if args.quantize else ''}), "
+          f"draft: {args.draft_preset} with {v} ids ({draft.num_params() / 1e6:.1f}M), {args.dtype}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    c = step_costs(target, draft, ids)
+    env = environment()
+    res = {"command": " ".join(["python", "benchmarks/speculative.py", *sys.argv[1:]]), "env": env,
+           "target": {"path": args.target, "params": target.num_params(), "quantize": args.quantize or None},
+           "draft": {"preset": args.draft_preset, "params": draft.num_params()}, "costs": c,
+           "wall_seconds": time.perf_counter() - t0}
+    out = Path(args.out or REPO / "benchmarks" / "results" / "speculative_costs")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    text = (f"# What a speculative step costs: {args.target}\n\n`{res['command']}` "
+            f"({res['wall_seconds'] / 60:.1f} min)\n\n{environment_md(env).rstrip()}\n"
+            f"- target: `{args.target}` ({target.num_params() / 1e6:.0f}M parameters"
+            f"{', ' + args.quantize if args.quantize else ''}, {args.dtype}); draft: preset `{args.draft_preset}` with "
+            f"the target's {v} ids ({draft.num_params() / 1e6:.1f}M parameters), random weights (a step costs the "
+            f"same whatever the weights)\n\n" + costs_md(c, args.context_tokens))
+    out.with_suffix(".md").write_text(text)
+    print(costs_md(c, args.context_tokens))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
 def trained(args):
     from hybridlm.bench import environment, environment_md, load_average
     from hybridlm.checkpoint import load_model, parse_dtype
@@ -531,6 +565,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is kept")
     ap.add_argument("--temperature", type=float, default=0.8, help="the sampled draft run's temperature")
     ap.add_argument("--no-sampled", dest="sampled", action="store_false", help="skip the sampled draft run")
+    ap.add_argument("--costs-only", action="store_true",
+                    help="only the cost table of a speculative step, for any --target (a checkpoint, .gguf or "
+                         "preset; weights do not change the costs), with --draft-preset's shape as the draft")
+    ap.add_argument("--draft-preset", default="tiny",
+                    help="--costs-only: the draft model's preset (random weights, the target's vocabulary)")
+    ap.add_argument("--quantize", default="", help="--costs-only: load the target quantized (int8, int4, ...)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (under a minute)")
     ap.add_argument("--out", default="", help="results file stem (default: benchmarks/results/speculative; "
                     "with --quick, a temporary directory, so a smoke test never overwrites the results)")
@@ -542,6 +582,9 @@ def main():
         if args.quick:
             args.preset, args.prompt, args.new = "tiny", 64, 16
         machinery(args)
+        return
+    if args.costs_only:
+        costs_only(args)
         return
     args.new = args.new or 256
     if args.quick:
