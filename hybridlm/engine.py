@@ -47,7 +47,7 @@ from .chat_template import text_decoder
 from .generate import Sampling, StopCriteria, decode_step, sample
 from .kernels import decode_cpu
 from .prefix_cache import PrefillJob, PrefixCache, remember_reply
-from .speculative import Speculative, hole_room, keep_verified, plan
+from .speculative import Speculative, SpecRun, hole_room, keep_verified, plan
 
 log = logging.getLogger("hybridlm.engine")
 CAP_DRAFTS = True   # fit speculative verify chunks to the one-call C++ step (Batch._speculate; tests turn it off)
@@ -429,6 +429,7 @@ class Job:
     # engine state
     reused: int = 0                   # prompt tokens restored from the prefix cache
     prefill: PrefillJob | None = None
+    spec: SpecRun | None = None       # its drafter, reading the prompt in slices after the prefill
     rows: Rows | None = None          # its sampling and stop state, from its first token on
 
     @property
@@ -577,9 +578,10 @@ class Engine:
             self._clear_batch()
 
     def _prefill(self):
-        """Give the starting jobs this step's slice of prompt tokens; a job whose prompt is done takes its
-        first token (the step of a batch of its own, from the prompt's logits) and goes to ``_joining``.
-        A job that raises fails alone."""
+        """Give the starting jobs this step's slice of prompt tokens (a speculating job's draft model reads
+        its prompt the same way, after the target); a job whose prompt is done takes its first token (the
+        step of a batch of its own, from the prompt's logits) and goes to ``_joining``. A job that raises
+        fails alone."""
         budget = self.limits.prefill_slice
         while self._starting and budget > 0:
             job = self._starting[0]
@@ -588,9 +590,17 @@ class Engine:
                     # +1: room to feed the last token when the reply's state is stored
                     job.prefill = PrefillJob(self.model, job.ids, len(job.ids) + job.max_new + 1, self._store(job),
                                              job.boundaries, self.limits.snapshot_every)
-                budget -= job.prefill.step(budget)
                 if not job.prefill.done:
-                    break
+                    budget -= job.prefill.step(budget)
+                    if not job.prefill.done:
+                        break
+                if job.speculative is not None:
+                    if job.spec is None:
+                        job.spec = job.speculative.run(self.model, [list(job.ids)], job.max_new + 1, lazy=True)
+                    while not job.spec.ready and budget > 0:
+                        budget -= job.spec.fill(budget)
+                    if not job.spec.ready:
+                        break
                 job.reused = job.prefill.reused
                 job.rows = self._rows_of(job)
                 alone = Batch(self.model, job.prefill.cache, [job.rows], job.prefill.logits)
@@ -598,14 +608,13 @@ class Engine:
                 if job.rows.finished:
                     self._finish(job, alone, 0)
                 else:
-                    if job.speculative is not None:   # its drafter state follows its rows from here on
-                        job.rows.spec = job.speculative.run(self.model, [list(job.ids)], job.max_new + 1)
+                    job.rows.spec, job.spec = job.spec, None   # its drafter follows its rows from here on
                     self._joining.append((job, alone))
                 self._starting.popleft()   # only now: until it is in _joining, it counts as starting
             except Exception as e:
                 log.exception("a completion failed while starting")
                 self._starting.popleft()
-                job.prefill = None
+                job.prefill = job.spec = None
                 self._fail([job], e)
 
     def _rows_of(self, job: Job) -> Rows:

@@ -146,12 +146,15 @@ class Speculative:
                 ctx[i] += row.tolist()
         return self.run(model, ctx, cache.max_len - cache.pos, gen.prefill_chunk)
 
-    def run(self, model, ctx: list[list[int]], room: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> "SpecRun":
+    def run(self, model, ctx: list[list[int]], room: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+            lazy: bool = False) -> "SpecRun":
         """The drafting state of a group of rows whose caches hold the tokens ``ctx`` (per row) and have
-        ``room`` free positions (a draft model's cache gets as many, plus a draft's)."""
+        ``room`` free positions (a draft model's cache gets as many, plus a draft's). ``lazy`` (one row):
+        a draft model reads ``ctx`` only as ``SpecRun.fill`` asks, in slices (the server's engine gives
+        it the prompt slices a step has room for); else at once."""
         self.check(model)
         drafter = Lookup(self.ngrams) if self.method == "lookup" else \
-            DraftModel(self.draft, ctx, room + self.k + 1, prefill_chunk, self.confidence)
+            DraftModel(self.draft, ctx, room + self.k + 1, prefill_chunk, self.confidence, lazy)
         run = SpecRun(self, ctx, drafter)
         self.stats = run.stats
         return run
@@ -236,6 +239,15 @@ class SpecRun:
     def per_row(self) -> bool:
         """Whether the drafter's state can follow rows that keep different numbers of tokens."""
         return self.drafter.per_row
+
+    @property
+    def ready(self) -> bool:
+        """Whether the drafter has read its context (``Speculative.run(lazy=True)``: after ``fill``)."""
+        return getattr(self.drafter, "todo", 0) == 0
+
+    def fill(self, budget: int) -> int:
+        """Read up to ``budget`` more context tokens into a lazily started draft model; how many it read."""
+        return self.drafter.fill(budget) if not self.ready else 0
 
     @torch.no_grad()
     def propose(self, tok: torch.Tensor, limit: torch.Tensor, s: Sampling, seen: torch.Tensor | None,
@@ -429,12 +441,18 @@ class DraftModel:
     once the draft model's most likely token has less than this probability (its drafts would mostly be
     rejected, and each costs a draft step and a verify position); drafting ends when every row stopped."""
 
-    def __init__(self, model, ctx: list[list[int]], room: int, prefill_chunk: int, confidence: float = 0.0):
-        self.model, self.confidence = model, confidence
+    def __init__(self, model, ctx: list[list[int]], room: int, prefill_chunk: int, confidence: float = 0.0,
+                 lazy: bool = False):
+        self.model, self.confidence, self.prefill_chunk = model, confidence, prefill_chunk
         longest = max((len(c) for c in ctx), default=0)
         p = next(model.parameters())
         self.cache = model.new_cache(len(ctx), longest + room)
-        if longest:
+        self.todo, self._ctx = 0, None              # lazy: context tokens not read yet (``fill``)
+        if lazy and longest:
+            if len(ctx) != 1:
+                raise ValueError("a draft model reads its context lazily for one row only")
+            self.todo, self._ctx = longest, torch.tensor([ctx[0]], dtype=torch.long, device=p.device)
+        elif longest:
             ids, mask = left_pad([c or [0] for c in ctx])
             if any(not c for c in ctx):
                 mask[[i for i, c in enumerate(ctx) if not c]] = False
@@ -443,6 +461,16 @@ class DraftModel:
         self.cks = None                     # checkpoints before drafts 2..k were fed (None: no draft pending)
         # rows keeping different counts leave backlogs of different lengths: fed as one chunk with holes
         self.per_row = self.cache.holes_exact()
+
+    def fill(self, budget: int) -> int:
+        """Prefill the next ``budget`` (at least 1) context tokens of a lazy start; returns how many."""
+        n = min(max(budget, 1), self.todo)
+        done = self._ctx.shape[1] - self.todo
+        prefill(self.model, self.cache, self._ctx[:, done:done + n], chunk=self.prefill_chunk)
+        self.todo -= n
+        if not self.todo:
+            self._ctx = None
+        return n
 
     def propose(self, ctx, tok: torch.Tensor, k: int, s: Sampling, seen, g, counts=None):
         b = tok.shape[0]

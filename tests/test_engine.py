@@ -204,3 +204,28 @@ def test_rows_draw_a_group_at_once():
     assert torch.equal(rows.sample(logits), sample(logits, s, torch.Generator().manual_seed(1)))
     out = rows.accept(torch.tensor([1, 2, 3]))
     assert out.tolist() == [1, 2, 3] and rows.tokens == [[1], [2], [3]] and not rows.finished
+
+
+def test_a_draft_model_reads_a_long_prompt_in_the_engines_slices(model, monkeypatch):
+    """A speculating job's draft model reads the prompt as the target does, in ``prefill_slice`` slices
+    between decode steps (not all at once when the job starts, which would stall the batch); the reply is
+    the plain one."""
+    import copy
+
+    from hybridlm.speculative import DraftModel, Speculative
+    long, short = prompts(100, 5)
+    ref = Job(long, 8, Sampling(0.0), lambda e: None)
+    serve_jobs(model, [ref])
+    reads, real = [], DraftModel.fill
+
+    def spy(self, budget):
+        reads.append(real(self, budget))
+        return reads[-1]
+    monkeypatch.setattr(DraftModel, "fill", spy)
+    spec = Speculative("draft", k=3, draft=copy.deepcopy(model))
+    job = Job(long, 8, Sampling(0.0), lambda e: None, speculative=spec)
+    other = Job(short, 40, Sampling(0.0), lambda e: None)
+    serve_jobs(model, [other, job], prefill_slice=16)
+    assert job.generated == ref.generated
+    assert sum(reads) == len(long) and max(reads) <= 16 and len(reads) >= len(long) // 16
+    assert spec.stats.drafted > 0

@@ -618,3 +618,24 @@ def test_a_draft_model_drafts_fewer_tokens_as_they_fail_and_k_while_they_pass():
     assert other.stats.forwards < 20
     fixed = Speculative("draft", k=4, draft=tiny(seed=7), adaptive=False)
     assert run(m, prompts, 60, fixed).tolist() == plain.tolist() and fixed.stats.drafted >= 4 * 50
+
+
+def test_a_lazily_started_draft_model_reads_its_context_in_slices_to_the_same_state():
+    """``Speculative.run(lazy=True)`` (the server's engine): the draft model reads its context only through
+    ``SpecRun.fill``, in slices; then it drafts exactly what an eagerly started one drafts."""
+    m = tiny(**LAYOUTS["jamba"])
+    draft = noisy_copy(m, 0.1)
+    ctx = repetitive(40, seed=3)
+    spec = Speculative("draft", k=4, draft=draft)
+    eager = spec.run(m, [list(ctx)], 16)
+    lazy = spec.run(m, [list(ctx)], 16, lazy=True)
+    assert eager.ready and not lazy.ready
+    reads = []
+    while not lazy.ready:
+        reads.append(lazy.fill(7))
+    assert reads == [7] * 5 + [5] and lazy.fill(7) == 0
+    tok, limit = torch.tensor([ctx[-1]]), torch.tensor([4])
+    a, b = eager.propose(tok, limit, Sampling(), None, None), lazy.propose(tok, limit, Sampling(), None, None)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="one row"):
+        spec.run(m, [list(ctx), list(ctx)], 16, lazy=True)
