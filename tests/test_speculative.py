@@ -639,3 +639,62 @@ def test_a_lazily_started_draft_model_reads_its_context_in_slices_to_the_same_st
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="one row"):
         spec.run(m, [list(ctx), list(ctx)], 16, lazy=True)
+
+
+def test_a_reply_that_ends_inside_a_one_count_verify_is_not_stored_as_its_state(caplog):
+    """Without holes (a Mamba-2 layer: every row keeps the batch's one count), a request that ends inside
+    a verify chunk leaves its cache ahead of its reply (``Rows.cache_ahead``): the engine does not try to
+    store that state as the reply's (the prefix cache would refuse it: its position count is off, an error
+    in the log). The next turn, started from the prefix cache, gives what a fresh engine gives."""
+    import threading
+
+    from hybridlm.engine import Engine, Job, Limits
+    from hybridlm.prefix_cache import PrefixCache
+
+    class Ids:
+        vocab_size = 64
+
+        def decode(self, ids):
+            return "".join(f" {i}" for i in ids)
+
+    def serve(engine, jobs):
+        ended = threading.Semaphore(0)
+        for j in jobs:
+            j.emit = lambda e: e[0] in ("end", "error") and ended.release()
+        engine.submit(jobs)
+        for _ in jobs:
+            assert ended.acquire(timeout=60)
+
+    m = tiny(**LAYOUTS["mamba2"])
+    store = PrefixCache()
+    engine = Engine(m, Ids(), Limits(context=128), store=store)
+    engine.start()
+    try:
+        # the target as its own draft: every draft accepted, so the batch keeps whole chunks; row a stops at
+        # its 4th token (a stop token), inside the first verify chunk
+        pa = repetitive(13, seed=1)
+        free = run(m, [pa], 8)[0].tolist()
+        stop = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i])
+        a = Job(pa, 12, Sampling(0.0), None, stop_ids=(stop,),
+                speculative=Speculative("draft", k=4, draft=m, adaptive=False))
+        b = Job(repetitive(17, seed=2), 30, Sampling(0.0), None,
+                speculative=Speculative("draft", k=4, draft=m, adaptive=False))
+        serve(engine, [a, b])
+        assert a.generated == free[:free.index(stop) + 1]
+        assert a.rows.cache_ahead                     # the case under test happened
+        reply = a.ids + a.generated
+        assert store.lookup(reply)[0] < len(reply)    # not stored as the reply's state
+        nxt = reply + [5, 6, 7]
+        c = Job(nxt, 8, Sampling(0.0), None)
+        serve(engine, [c])
+    finally:
+        engine.stop()
+    fresh = Engine(m, Ids(), Limits(context=128), store=None)
+    fresh.start()
+    try:
+        d = Job(nxt, 8, Sampling(0.0), None)
+        serve(fresh, [d])
+    finally:
+        fresh.stop()
+    assert c.generated == d.generated
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
