@@ -156,6 +156,23 @@ def gemm_roofline(threads: int, tokens: int) -> dict:
     return out
 
 
+def llama_bench_each(paths: dict, gguf: Path, a) -> dict:
+    """llama-bench at every prompt length and the decode test in one run; when that run fails (a crash in
+    one test loses them all), each test on its own, so the tests that work are still measured."""
+    r = run_llama_bench(paths, gguf, a.threads, a.pp, a.decode_tokens, a.llama_reps)
+    if "error" not in r:
+        return r
+    rows, errors, info = [], [], None
+    for pp, tg in [(n, 0) for n in a.pp] + [(0, a.decode_tokens)]:
+        one = run_llama_bench(paths, gguf, a.threads, [pp], tg, a.llama_reps)
+        rows += one.get("rows", [])
+        info = one.get("info", info)
+        if "error" in one:
+            errors.append({"metric": "prompt" if pp else "decode", "tokens": pp or tg,
+                           "error": one["error"].splitlines()[0]})
+    return {"rows": rows, "errors": errors, "info": info}
+
+
 def plan_bytes(spec: str | None, context: int) -> int:
     from hybridlm.config import preset
     from hybridlm.summary import memory_plan
@@ -168,16 +185,26 @@ def write_report(res: dict, out: Path):
     from hybridlm.summary import fmt_bytes
     bw, roof = res["read_bandwidth"], res["gemm_flops"]
     best_gemm = max(roof.values())
+    builds = list(res["llama_cpp"])
     lines = ["# Jamba-Reasoning-3B shape: bf16 / int8 / int4, hybridlm vs llama.cpp\n",
              f"`{res['command']}` ({res['wall_seconds'] / 60:.0f} min)\n",
-             environment_md(res["env"]),
-             f"- llama.cpp: {res.get('llama_source', '?')} (build {res.get('llama_info', {}).get('build_commit', '?')}) "
-             f"({res.get('llama_info', {}).get('cpu_info', '?')}), {res['threads']} threads",
-             f"- read bandwidth (a 1 GiB tensor summed, {res['threads']} threads): {bw / 1e9:.1f} GB/s; copy "
-             f"(read + write): {res['copy_bandwidth'] / 1e9:.1f} GB/s",
-             f"- torch GEMM at the model's shapes, {res['roofline_tokens']} rows: bf16 {roof['bfloat16'] / 1e9:.0f} "
-             f"GFLOP/s, fp32 {roof['float32'] / 1e9:.0f} GFLOP/s\n"]
-    head = ["type", "hybridlm", "llama.cpp", "ratio"]
+             environment_md(res["env"])]
+    for label in builds:
+        info = res["llama_info"].get(label) or {}
+        lines.append(f"- {label}: {res.get('llama_source', '?')} (build {info.get('build_commit', '?')}, "
+                     f"{info.get('backends', '?')}) ({info.get('cpu_info', '?')}), {res['threads']} threads")
+    lines += [f"- read bandwidth (a 1 GiB tensor summed, {res['threads']} threads): {bw / 1e9:.1f} GB/s; copy "
+              f"(read + write): {res['copy_bandwidth'] / 1e9:.1f} GB/s",
+              f"- torch GEMM at the model's shapes, {res['roofline_tokens']} rows: bf16 {roof['bfloat16'] / 1e9:.0f} "
+              f"GFLOP/s, fp32 {roof['float32'] / 1e9:.0f} GFLOP/s\n"]
+    head = ["type", "hybridlm", *builds, "ratio" if len(builds) < 2 else "ratio (vs the faster llama.cpp)"]
+
+    def theirs(label, t, metric, tokens):
+        got = res["llama_cpp"][label].get(t, {})
+        row = next((r for r in got.get("rows", []) if r["metric"] == metric and r["tokens"] == tokens), None)
+        err = next((e for e in got.get("errors", []) if e["metric"] == metric and e["tokens"] == tokens), None)
+        return (row or {}).get("tok_s"), ("crashed" if err and "(-11)" in err["error"] else "failed") if err else "–"
+
     for metric, tokens in [("prompt", n) for n in res["pp"]] + [("decode", res["decode_tokens"])]:
         what = f"prompt processing, {tokens:,} tokens (tok/s)" if metric == "prompt" else \
             f"decode after {res['decode_prompt']} tokens (tok/s)"
@@ -187,9 +214,9 @@ def write_report(res: dict, out: Path):
         for t in res["types"]:
             ours = next((r for r in res["hybridlm"].get(t, {}).get("rows", []) if r["metric"] == metric
                          and r["tokens"] == tokens), None)
-            theirs = next((r for r in res["llama_cpp"].get(t, {}).get("rows", []) if r["metric"] == metric
-                           and r["tokens"] == tokens), None)
-            a, b = (ours or {}).get("tok_s"), (theirs or {}).get("tok_s")
+            a = (ours or {}).get("tok_s")
+            peers = [theirs(label, t, metric, tokens) for label in builds]
+            b = max((v for v, _ in peers if v), default=None)
             ratio = f"{a / b:.2f}x" if a and b else "–"
             if metric == "decode" and ours:
                 extra = [f"{ours['gb_s']:.1f}", f"{ours['gb_s'] * 1e9 / bw:.0%}"]
@@ -198,8 +225,8 @@ def write_report(res: dict, out: Path):
                 extra = [f"{fl / 1e9:.0f}", f"{fl / best_gemm:.0%}"]
             else:
                 extra = ["–", "–"]
-            lines.append(f"| {t} | {a or 0:,.2f} | {b or 0:,.2f} ({GGUF_TYPES.get(t, '')}) | {ratio} | " +
-                         " | ".join(extra) + " |")
+            cells = [f"{v:,.2f} ({GGUF_TYPES.get(t, '')})" if v else why for v, why in peers]
+            lines.append(f"| {t} | {a or 0:,.2f} | " + " | ".join(cells + [ratio] + extra) + " |")
     lines += ["\n## Load and memory\n", "| type | load (s) | RSS after load | peak RSS | plan (weights + cache + runtime) |",
               "|---|---:|---:|---:|---:|"]
     for t in res["types"]:
@@ -227,7 +254,9 @@ def write_report(res: dict, out: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=CACHE / "jamba-3b-bf16")
-    ap.add_argument("--llama-cpp", type=Path, default=Path(os.environ.get("HYBRIDLM_LLAMA_CPP", CACHE / "llama.cpp")))
+    ap.add_argument("--llama-cpp", type=Path, action="append",
+                    help="a llama.cpp build (default ~/.cache/hybridlm/llama.cpp); repeat to measure several, e.g. "
+                         "one built with NO_AMX=1 (benchmarks/build_llama_cpp.sh); the first converts the GGUFs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pp", type=lambda s: [int(x) for x in s.split(",")], default=[512, 4096])
     ap.add_argument("--decode-prompt", type=int, default=128)
@@ -252,7 +281,7 @@ def main():
     ckpt = make_checkpoint(a.checkpoint)
     res = {"command": " ".join(["python", "benchmarks/quant_bench.py", *sys.argv[1:]]), "threads": a.threads,
            "pp": a.pp, "decode_prompt": a.decode_prompt, "decode_tokens": a.decode_tokens, "types": a.types,
-           "env": environment(), "hybridlm": {}, "llama_cpp": {}, "quantize_runs": {}, "plan": {}}
+           "env": environment(), "hybridlm": {}, "llama_cpp": {}, "llama_info": {}, "quantize_runs": {}, "plan": {}}
     from hybridlm.checkpoint import load_model
     res["params"] = load_model(PRESET, device="meta").num_params()
     res["copy_bandwidth"] = copy_bandwidth(a.threads)
@@ -262,18 +291,20 @@ def main():
     print(f"read {res['read_bandwidth'] / 1e9:.1f} GB/s, bf16 GEMM {res['gemm_flops']['bfloat16'] / 1e9:.0f} "
           f"GFLOP/s, fp32 {res['gemm_flops']['float32'] / 1e9:.0f}", file=sys.stderr)
     dirs = {}
-    ggufs, paths = {}, {}
+    ggufs, builds = {}, {}
     if not a.no_llama:
-        paths = {**llama_cpp_paths(a.llama_cpp), "quantize": a.llama_cpp / "build" / "bin" / "llama-quantize"}
-        ggufs = gguf_files(ckpt, paths)
-        src = a.llama_cpp / "SOURCE"
+        roots = a.llama_cpp or [Path(os.environ.get("HYBRIDLM_LLAMA_CPP", CACHE / "llama.cpp"))]
+        builds = {root.name: llama_cpp_paths(root) for root in roots}      # the first converts and quantizes
+        ggufs = gguf_files(ckpt, {**llama_cpp_paths(roots[0]), "quantize": roots[0] / "build" / "bin" / "llama-quantize"})
+        src = roots[0] / "SOURCE"
         res["llama_source"] = src.read_text().strip() if src.exists() else None
 
     def llama(t: str):
-        r = run_llama_bench(paths, ggufs[t], a.threads, a.pp, a.decode_tokens, a.llama_reps)
-        res["llama_cpp"][t] = r
-        res["llama_info"] = r.get("info", res.get("llama_info"))
-        print(f"  [llama.cpp {t}] {r.get('rows') or r.get('error')}", file=sys.stderr, flush=True)
+        for label, p in builds.items():
+            r = llama_bench_each(p, ggufs[t], a)
+            res["llama_cpp"].setdefault(label, {})[t] = r
+            res["llama_info"][label] = r.get("info", res["llama_info"].get(label))
+            print(f"  [{label} {t}] {r.get('rows')} {r.get('errors') or ''}", file=sys.stderr, flush=True)
 
     # each type's two systems back to back: the host's speed drifts (up to 40% over 20 minutes here), so a
     # ratio compares runs minutes apart, not the two ends of the benchmark

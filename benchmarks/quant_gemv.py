@@ -7,7 +7,7 @@ from cache. Prints effective GB/s (bytes of weights and scales read per second) 
 measured read bandwidth (a large tensor summed: bytes read per second, the decode bound) and the fraction
 of it, and the copy bandwidth (read + write bytes per second).
 
-    python benchmarks/quant_gemv.py [--threads 2] [--repeats 5]
+    python benchmarks/quant_gemv.py [--threads 2] [--repeats 5] [--formats int8,int4:g32]
 """
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--formats", type=lambda s: s.split(","), default=FORMATS, help=f"default {','.join(FORMATS)}")
     args = ap.parse_args()
     build.load()
     env = environment()
@@ -92,7 +93,7 @@ def main():
     bw = read_bandwidth(args.threads) / 1e9
     print(f"copy bandwidth (read + write): {copy_bandwidth(args.threads) / 1e9:.1f} GB/s; read bandwidth: {bw:.1f} GB/s")
     print(f"{'format':10s} {'weights':>10s} {'ms/pass':>9s} {'GB/s':>7s} {'of read bw':>11s}")
-    for fmt in FORMATS:
+    for fmt in args.formats:
         r = measure(fmt, args.threads, args.repeats)
         print(f"{fmt:10s} {r['bytes'] / 2**20:8.0f} MiB {r['seconds'] * 1e3:9.1f} {r['gb_s']:7.1f} "
               f"{r['gb_s'] / bw:10.0%}")

@@ -130,7 +130,7 @@ def test_linear_kernel_matches_reference(spec, k, rows, limit, monkeypatch):
     assert (out - exact).abs().max() <= (2e-2 if QuantScheme.parse(spec).symmetric else 5e-2) * exact.abs().max()
 
 
-_PORTABLE_CHECK = """
+_ISA_CHECK = """
 import torch
 from hybridlm import kernels
 from hybridlm.kernels import build
@@ -150,24 +150,33 @@ for spec in {schemes!r}:
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (spec, k, rows)
         assert torch.equal(q.dequantize(torch.float32), q.dequantize_ref()) or not q.scheme.symmetric
         assert (q.dequantize(torch.float32) - q.dequantize_ref()).abs().max() <= 2e-7 * q.dequantize_ref().abs().max()
-assert build.info["isa"] == "-march=x86-64-v2", build.info
-assert "portable C++" in kernels.report()["quantized weights"]
-print("portable ok")
+assert build.info["isa"] == "-march={march}", build.info
+assert {path!r} in kernels.report()["quantized weights"], kernels.report()["quantized weights"]
+print("path ok")
 """
 
 
-def test_portable_kernels_match_reference(tmp_path):
-    """The kernels built without AVX (what ARM and older x86 CPUs run: the #else paths) against the reference."""
+@pytest.mark.parametrize("march,path,flag", [
+    ("x86-64-v2", "portable C++", None),                              # ARM and older x86: the #else paths
+    ("x86-64-v3", "AVX2 integer dot products (maddubs)", "avx2"),     # AVX2 CPUs without VNNI (Zen 3, Haswell)
+    ("alderlake", "AVX-VNNI integer dot products", "avx_vnni"),       # 256-bit VNNI without AVX-512
+])
+def test_kernel_isa_paths_match_reference(tmp_path, march, path, flag):
+    """The kernels built for another instruction set than this CPU's best (the paths other machines run),
+    against the reference; those this CPU cannot run are skipped. The native build (AVX512-VNNI where the CPU
+    has it) is what every other test here runs."""
     import os
     import platform
     import subprocess
     import sys
     if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("builds for -march=x86-64-v2")
-    env = {**os.environ, "HYBRIDLM_KERNEL_MARCH": "x86-64-v2", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK.format(schemes=SCHEMES)], env=env,
+        pytest.skip(f"builds for -march={march}")
+    if flag is not None and flag not in build._cpu_id().split():
+        pytest.skip(f"this CPU has no {flag}")
+    env = {**os.environ, "HYBRIDLM_KERNEL_MARCH": march, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", _ISA_CHECK.format(schemes=SCHEMES, march=march, path=path)], env=env,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "path ok" in r.stdout, r.stderr[-3000:]
 
 
 def test_product_reference_is_the_integer_recipe():
@@ -193,10 +202,31 @@ def test_dequantize_kernel_matches_reference(spec, dtype):
                                                                       torch.bfloat16 and tol else 0)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [32, 100, 2560])
+def test_activation_round_trip_kernel_matches_reference(x_dtype, dtype, k):
+    """The C++ int8 round trip of a prefill's activations equals quant.quantize_activations bit for bit
+    (partial last block, an all-zero block, values at a rounding tie)."""
+    from hybridlm import kernels
+    x = (torch.randn(3, 7, k, generator=gen(k)) * 3).to(x_dtype)
+    x[0, 0, :32] = 0
+    x[1, 2, :32] = torch.arange(32) - 15.5                 # q = x * 127 / 16.5: no tie; next row has ties
+    x[1, 3, :32] = torch.arange(32) * 0.5 - 7.5            # max 8: x * 127 / 8 on a 1/16 grid
+    want = quantize_activations(x).to(dtype)
+    got = kernels.quantize_activations(x, dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, want)
+
+
 def test_kernels_report_the_quantized_path():
     from hybridlm import kernels
     r = kernels.report()["quantized weights"]
     assert build.info["isa"] in r and "C++ kernels" in r
+    flags = build._cpu_id().split()
+    want = ("AVX512-VNNI" if {"avx512_vnni", "avx512vl"} <= set(flags) else "AVX-VNNI" if "avx_vnni" in flags
+            else "AVX2" if "avx2" in flags else "portable C++")
+    assert f"{want} integer dot products" in r or want == "portable C++" and want in r, r   # the best this CPU has
     assert ("bf16 GEMMs" in r) == kernels._FAST_BF16          # which path prompts take
 
 

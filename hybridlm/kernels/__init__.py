@@ -120,7 +120,7 @@ def _report() -> dict:
                       f"{'one C++ call per step through all layers for Jamba- and Granite-4.0-H-style layers (Mamba-1, Mamba-2, attention without RoPE/window, the Granite multipliers, shared experts), speculative verify chunks of up to 8 rows x tokens included (Mamba-1 models), else fused C++ steps per layer (Mamba-1 and Mamba-2 mixers, MLP, MoE, attention over the cache, RMSNorm, linear), as for layers with a mixer or a feed-forward alone (Nemotron-H), relu2 MLPs or RoPE' if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "quantized weights": (f"int8/int4 (tiles of 8 rows) times int8 activations in the C++ kernels "
-                                  f"({'AVX2 integer dot products' if 'AVX' in build.info['isa'] else 'portable C++'}), "
+                                  f"({build.info['isa']}: {build.info['int_dot']}), "
                                   + ("for prompts too (no fast bf16 GEMM here)" if not _FAST_BF16 else
                                      f"for up to {decode_cpu.QUANT_ROWS} rows (by bits), longer prompts dequantized "
                                      f"by a C++ pass for bf16 GEMMs") if _cpu_error is None else
@@ -269,6 +269,15 @@ def dequantize(layer, dtype: torch.dtype):
     if _backend == "auto" and w.device.type == "cpu" and dtype in _FUSED_DTYPES and _cpu_kernels():
         return dequantize_cpu(layer, dtype)
     return layer.dequantize_ref().to(dtype)
+
+
+def quantize_activations(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """quant.quantize_activations(x) in ``dtype``: one C++ pass on CPU (fp32/bf16), else the plain-torch reference."""
+    if (_backend == "auto" and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES and dtype in _FUSED_DTYPES
+            and not (torch.is_grad_enabled() and x.requires_grad) and _cpu_kernels()):
+        return decode_cpu.quantize_act_cpu(x, dtype)
+    from ..quant import quantize_activations as ref
+    return ref(x).to(dtype)
 
 
 def causal_conv1d(x, weight, bias=None, state=None):

@@ -45,9 +45,11 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
                            + [_P, _INT, _P] + [_I64] * 6 + [_INT],
     "hybridlm_moe_step": [_P, _P, _INT, _P, _P, _P, _P, _P] + [_I64] * 5 + [_INT, _INT],
     "hybridlm_dequantize": [_P, _P, _INT, _I64, _I64, _INT],
+    "hybridlm_quantize_act": [_P, _INT, _P, _INT, _I64, _I64, _INT],
     "hybridlm_rmsnorm": [_P, _P, _INT, _P, _INT, ctypes.c_float, _I64, _I64, _INT],
     "hybridlm_decode_rec_len": [],
     "hybridlm_has_flash_attn": [],
+    "hybridlm_int_dot_path": [],
     "hybridlm_flash_attn": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P] + [_I64] * 8
                            + [ctypes.c_float, _INT],
     "hybridlm_mamba2_step": [_P, _P, _INT, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_float, _P, _P, _P,
@@ -55,7 +57,8 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_decode_layers": [_P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, ctypes.c_float, _INT],
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }
-RESTYPES = {"hybridlm_decode_rec_len": _I64, "hybridlm_has_flash_attn": _INT, "hybridlm_flash_attn": _INT}  # else void
+RESTYPES = {"hybridlm_decode_rec_len": _I64, "hybridlm_has_flash_attn": _INT, "hybridlm_int_dot_path": _INT,
+            "hybridlm_flash_attn": _INT}  # else void
 
 _lib: ctypes.CDLL | None = None
 info: dict = {}   # path, build_seconds (0: cached), compiler, isa: filled by load()
@@ -149,6 +152,8 @@ def load() -> ctypes.CDLL:
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
     if MARCH != "native":
         isa = f"-march={MARCH}"
-    info.update(path=str(out), build_seconds=seconds, compiler=cxx, isa=isa)
+    int_dot = ("portable C++", "AVX2 integer dot products (maddubs)", "AVX-VNNI integer dot products (vpdpbusd)",
+               "AVX512-VNNI integer dot products (vpdpbusd)")[lib.hybridlm_int_dot_path()]
+    info.update(path=str(out), build_seconds=seconds, compiler=cxx, isa=isa, int_dot=int_dot)
     _lib = lib
     return lib

@@ -129,6 +129,16 @@ def dequantize_cpu(layer, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def quantize_act_cpu(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """quant.quantize_activations(x).to(dtype) (x fp32/bf16 [..., k], dtype fp32/bf16) in one threaded C++ pass."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype)
+    k = x.shape[-1]
+    build.load().hybridlm_quantize_act(ptr(x), _is16(x), ptr(out), _is16(out), x.numel() // max(k, 1), k,
+                                       build.threads_for(x.numel()))
+    return out
+
+
 def mlp_step(mlp, x: torch.Tensor) -> torch.Tensor:
     """moe.MLP's forward for a few rows: down(silu(gate(x)) * up(x)), x [..., d]."""
     x = x.contiguous()
