@@ -248,6 +248,13 @@ def write_report(res: dict, out: Path):
               "model's shapes (on CPUs without AVX512-BF16/AMX, fp32: hybridlm's prefill multiplies in fp32 there). "
               "llama-bench's decode (tg) starts from an empty context, ours after the prompt (2 attention layers "
               "over ~130 keys: negligible at this size). Each type's two systems ran back to back."]
+    crashed = sorted({f"{label} {t}" for label in builds for t, r in res["llama_cpp"][label].items()
+                      for e in r.get("errors", []) if "(-11)" in e["error"]})
+    if crashed:
+        lines += [f"\n`crashed`: llama-bench died of a segmentation fault in that test ({', '.join(crashed)}); "
+                  "that build's other tests ran each on its own. On Sapphire Rapids this is ggml's AMX matrix "
+                  "product (gdb: ggml_backend_amx_mul_mat; reported upstream as ggml-org/llama.cpp#20824): "
+                  "`NO_AMX=1 bash benchmarks/build_llama_cpp.sh DIR` builds llama.cpp without it."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -244,7 +244,8 @@ class QuantLinear(nn.Module):
         if kernels.decode_kernels(x, self, max_rows=kernels.decode_cpu.quant_rows(self)):
             return kernels.linear_step(x, self, b)
         dtype = kernels.gemm_dtype(x)
-        y = F.linear(kernels.quantize_activations(x, dtype), self.dequantize(dtype), None if b is None else b.to(dtype))
+        w = kernels.dequantize(self, dtype, scratch=True)           # used at once: a reused buffer
+        y = F.linear(kernels.quantize_activations(x, dtype), w, None if b is None else b.to(dtype))
         return y.to(x.dtype)
 
 

@@ -202,6 +202,28 @@ def test_dequantize_kernel_matches_reference(spec, dtype):
                                                                       torch.bfloat16 and tol else 0)
 
 
+def test_prefill_products_share_one_dequantization_buffer(monkeypatch):
+    """The dequantize + GEMM path reuses one scratch buffer per thread: each layer's output stays its own,
+    and a public dequantize() is never that buffer."""
+    from hybridlm import kernels
+    monkeypatch.setattr(decode_cpu, "quant_rows", lambda layer: 1)
+    (_, q1), (_, q2) = layer(64, 40, "int4:g32", seed=1), layer(96, 24, "int8", seed=2)
+    x1, x2 = torch.randn(5, 64, generator=gen(1)), torch.randn(5, 96, generator=gen(2))
+    with torch.no_grad():
+        y1 = q1(x1)
+        w2 = q2.dequantize(torch.float32)
+        y2 = q2(x2)
+        y1_again = q1(x1)
+    assert torch.equal(y1, y1_again) and torch.equal(w2, q2.dequantize_ref())
+    for q, x, y in ((q1, x1, y1), (q2, x2, y2)):
+        ref = F.linear(quantize_activations(x), q.dequantize_ref(), q.bias)
+        assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+    if kernels._cpu_kernels():
+        scratch = kernels._scratch.buf
+        assert w2.data_ptr() != scratch.data_ptr()
+        assert scratch.numel() >= 40 * 64 and scratch.numel() >= 24 * 96
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [32, 100, 2560])

@@ -120,9 +120,11 @@ def linear_step(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> to
     return out
 
 
-def dequantize_cpu(layer, dtype: torch.dtype) -> torch.Tensor:
-    """A QuantLinear's weight as an fp32/bf16 tensor [out, in], in one threaded C++ pass."""
-    out = torch.empty(layer.out_features, layer.in_features, dtype=dtype)
+def dequantize_cpu(layer, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A QuantLinear's weight as an fp32/bf16 tensor [out, in], in one threaded C++ pass (into ``out``, a
+    contiguous tensor of that shape and dtype, when given)."""
+    if out is None:
+        out = torch.empty(layer.out_features, layer.in_features, dtype=dtype)
     m = mat(layer)
     build.load().hybridlm_dequantize(ctypes.byref(m), ptr(out), _is16(out), layer.out_features,
                                      layer.in_features, build.threads_for(out.numel()))

@@ -52,23 +52,6 @@ inline void tile_q(const Mat& m, int64_t t, int64_t blk, int i, int32_t* q) {
 }
 
 #ifdef __AVX2__
-// the same 32 integers as fp32, columns 8 k .. 8 k + 7 in w[k]
-inline void tile_q32_avx2(const Mat& m, int64_t t, int64_t blk, int i, __m256 w[4]) {
-    const int64_t tb = m.kind == I8 ? 256 : 128;
-    const uint8_t* wb = static_cast<const uint8_t*>(m.data) + (t * (m.ld / 32) + blk) * tb + 4 * i;
-    auto u32 = [](const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; };
-    for (int k = 0; k < 4; ++k) {
-        if (m.kind == I8) {
-            const __m128i b = _mm_set_epi32(0, 0, u32(wb + 32 * (2 * k + 1)), u32(wb + 32 * 2 * k));
-            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-        } else {
-            const __m128i b = _mm_cvtsi32_si128(u32(wb + 32 * k)), low = _mm_set1_epi8(15);
-            const __m128i q = _mm_unpacklo_epi32(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
-            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-        }
-    }
-}
-
 inline float hsum_avx2(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
