@@ -114,6 +114,12 @@ def init_value(name: str, shape: tuple[int, ...], std: float, g: torch.Generator
     return torch.randn(shape, generator=g) * std
 
 
+def _count(module: nn.Module) -> int:
+    """Parameters of ``module``, plus the values of weights stored packed in buffers (a module's
+    ``packed_numel``: quant.QuantLinear's int8/int4 weight)."""
+    return sum(p.numel() for p in module.parameters()) + sum(getattr(m, "packed_numel", 0) for m in module.modules())
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: HybridConfig):
         super().__init__()
@@ -276,14 +282,15 @@ class HybridLM(nn.Module):
 
     # ---- accounting ---------------------------------------------------------------------------
     def num_params(self, active: bool = False) -> int:
-        """All parameters, or those a single token uses (top-k of each MoE layer's experts)."""
-        total = sum(p.numel() for p in self.parameters())
+        """All parameters, or those a single token uses (top-k of each MoE layer's experts); a weight stored
+        packed (quantized layers, quant.py) counts as the values it stands for."""
+        total = _count(self)
         if not active:
             return total
         cfg = self.config
         unused = 0
         for layer in self.model.layers:
             if isinstance(layer.feed_forward, MoE):
-                per_expert = sum(p.numel() for p in layer.feed_forward.experts[0].parameters())
+                per_expert = _count(layer.feed_forward.experts[0])
                 unused += per_expert * (cfg.num_experts - cfg.num_experts_per_tok)
         return total - unused

@@ -151,6 +151,11 @@ class QuantLinear(nn.Module):
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q
 
+    @property
+    def packed_numel(self) -> int:
+        """The values the packed weight stands for (model.num_params counts them)."""
+        return self.in_features * self.out_features
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
 

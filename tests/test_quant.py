@@ -254,6 +254,15 @@ def test_kernels_report_the_quantized_path():
 
 # ---- whole models -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["mMaM", "mmam"])
+def test_quantized_model_counts_its_parameters(layout):
+    """num_params of a quantized model counts the packed weights as the values they stand for."""
+    model = tiny(layout)
+    q = quantize_model(tiny(layout), "int4:g32")
+    assert q.num_params() == model.num_params() and q.num_params(active=True) == model.num_params(active=True)
+    assert q.num_params() > sum(p.numel() for p in q.parameters())
+
+
+@pytest.mark.parametrize("layout", ["mMaM", "mmam"])
 @pytest.mark.parametrize("spec,bound", [("int8", 0.03), ("int4:g32", 0.2), ("int4:g64:asym", 0.2)])
 def test_quantized_logits_close_to_float(layout, spec, bound):
     model = tiny(layout)
