@@ -123,8 +123,9 @@ def _report() -> dict:
             "quantized weights": (f"int8/int4 (tiles of 8 rows) times int8 activations in the C++ kernels "
                                   f"({build.info['isa']}: {build.info['int_dot']}), "
                                   + ("for prompts too (no fast bf16 GEMM here)" if not _FAST_BF16 else
-                                     f"for up to {decode_cpu.QUANT_ROWS} rows (by bits), longer prompts dequantized "
-                                     f"by a C++ pass for bf16 GEMMs") if _cpu_error is None else
+                                     f"for up to {decode_cpu.QUANT_ROWS_AMX if _AMX else decode_cpu.QUANT_ROWS} rows "
+                                     f"(by bits), longer prompts dequantized by a C++ pass for bf16 GEMMs"
+                                     + (" (AMX)" if _AMX else "")) if _cpu_error is None else
                                   "torch dequantization + GEMM (C++ kernels unavailable)"),
             "bf16 GEMMs (prefill)": ("torch bf16" if _FAST_BF16 else
                                      "upcast to fp32 (this CPU has no AVX512-BF16/AMX: torch's bf16 GEMM is ~5x "
@@ -233,6 +234,14 @@ def _fast_bf16() -> bool:
 
 
 _FAST_BF16 = _fast_bf16()
+
+def _amx() -> bool:
+    """Whether torch's bf16 GEMMs run on AMX tiles here (decode_cpu.quant_rows)."""
+    from .build import _cpu_id
+    return "amx_bf16" in _cpu_id().split()
+
+
+_AMX = _amx()
 
 
 def gemm_dtype(x) -> torch.dtype:

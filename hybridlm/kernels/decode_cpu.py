@@ -28,15 +28,22 @@ MAX_ROWS = 4   # rows per call; more rows reuse each weight enough for torch's m
 # + GEMM. Where torch's GEMMs run in fp32 (CPUs without fast bf16 GEMMs: kernels.gemm_dtype) the kernel's
 # 8-row tiles win at every size (8192 x 2560 weight, 2 threads, Zen 3: int4 g32 at 64 / 256 / 512 rows 171 /
 # 230 / 202 GOP/s, dequantize + fp32 GEMM 36 / 91 / 115; int8 99 / 174 / 154 against 44 / 103 / 120), so there
-# is no limit. With fast bf16 GEMMs (AVX512-BF16, AMX) the crossover is not measured yet: the limits are those
-# the row-by-row kernel had before the tiles against fp32 GEMMs (int8 ~200 rows, int4 ~400 on Zen 3).
+# is no limit. With AMX (Sapphire Rapids, 2 threads, the 3B shapes 8192 x 2560, 2560 x 5120, 10240 x 2560;
+# the weights dequantized into a reused buffer): int4 g32 at 16 / 32 / 64 / 128 rows 402 / 436 / 442 / 437
+# GOP/s against 166 / 327 / 525 / 844 for dequantize + bf16 GEMM, int8 269 / 300 / 310 / 319 against 152 /
+# 299 / 511 / 684: the crossover is ~48 and ~32 rows. With AVX512-BF16 but no AMX (Zen 4) it is not measured
+# yet: the limits are those the row-by-row kernel had before the tiles against fp32 GEMMs (int8 ~200 rows,
+# int4 ~400 on Zen 3).
 QUANT_ROWS = {8: 128, 4: 256}
+QUANT_ROWS_AMX = {8: 32, 4: 48}
 
 
 def quant_rows(layer) -> int:
     """The most rows the integer kernel takes for this quantized layer (see QUANT_ROWS)."""
-    from . import _FAST_BF16
-    return QUANT_ROWS[layer.scheme.bits] if _FAST_BF16 else 1 << 40
+    from . import _AMX, _FAST_BF16
+    if not _FAST_BF16:
+        return 1 << 40
+    return (QUANT_ROWS_AMX if _AMX else QUANT_ROWS)[layer.scheme.bits]
 
 
 _DTYPES = (torch.float32, torch.bfloat16)
