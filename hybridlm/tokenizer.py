@@ -202,9 +202,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         elif (p / "tokenizer.model").exists():
             p = p / "tokenizer.model"
         else:
-            raise FileNotFoundError(f"no tokenizer in {d}: expected tokenizer.json or tokenizer.model. "
-                                    f"Pass --tokenizer PATH, or leave it out and `hybridlm train` trains a "
-                                    f"byte-level BPE on the training data")
+            raise FileNotFoundError(f"no tokenizer in {d}: expected tokenizer.json or tokenizer.model. Copy the "
+                                    f"tokenizer files of the checkpoint these weights came from into it (`hybridlm "
+                                    f"train` takes --tokenizer PATH instead, or trains a byte-level BPE on its data)")
     if p.suffix == ".model":
         return SentencePieceTokenizer(p, config)
     tokenizers = _need_tokenizers()

@@ -170,7 +170,8 @@ def test_sentencepiece_checkpoint_tokenizer(tmp_path):
 
 
 def test_missing_tokenizer_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected tokenizer.json or tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="expected tokenizer.json or tokenizer.model") as e:
         load_tokenizer(tmp_path)
+    assert "Copy the tokenizer files" in str(e.value)      # advice every command can follow (chat has no --tokenizer)
     with pytest.raises(ValueError, match="vocab_size > 259"):
         train_tokenizer(["x"], 100)
