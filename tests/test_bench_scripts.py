@@ -167,3 +167,40 @@ def test_fuzz_smoke(tmp_path):
     assert res["must_be_zero"] == 0 and r.returncode == 0, r.stderr[-3000:]
     md = out.with_suffix(".md").read_text()
     assert res["command"] in md and "machine:" in md and res["date"] in md
+
+
+def test_quant_bench_llama_builds_and_crashes(tmp_path, monkeypatch):
+    """quant_bench with two llama.cpp builds: when a combined llama-bench run crashes, each test runs alone
+    (the ones that work are kept, the crash is recorded), and the report puts a column per build, the ratio
+    against the faster one, and says which tests crashed."""
+    qb = _bench_module("quant_bench")
+    calls = []
+
+    def fake_bench(paths, gguf, threads, pp, tg, reps):          # the AMX build crashes in any prompt test
+        calls.append((paths["root"].name, tuple(pp), tg))
+        if paths["root"].name == "amx" and any(pp):
+            return {"error": "llama-bench failed (-11): "}
+        rows = [{"metric": "prompt", "tokens": n, "tok_s": 10.0} for n in pp if n]
+        rows += [{"metric": "decode", "tokens": tg, "tok_s": 4.0 if paths["root"].name == "amx" else 2.0}] if tg else []
+        return {"rows": rows, "info": {"build_commit": "x", "backends": "CPU", "cpu_info": "cpu"}}
+
+    monkeypatch.setattr(qb, "run_llama_bench", fake_bench)
+    args = type("A", (), {"threads": 2, "pp": [512], "decode_tokens": 8, "llama_reps": 1})()
+    got = {name: qb.llama_bench_each(qb.llama_cpp_paths(tmp_path / name), tmp_path / "m.gguf", args)
+           for name in ("amx", "noamx")}
+    assert got["amx"]["rows"] == [{"metric": "decode", "tokens": 8, "tok_s": 4.0}]
+    assert [e["metric"] for e in got["amx"]["errors"]] == ["prompt"]
+    assert calls.count(("noamx", (512,), 8)) == 1 and ("amx", (0,), 8) in calls      # one run, or each test alone
+    res = {"command": "python benchmarks/quant_bench.py", "wall_seconds": 60, "env": {}, "threads": 2,
+           "read_bandwidth": 20e9, "copy_bandwidth": 20e9, "gemm_flops": {"bfloat16": 1e12, "float32": 1e11},
+           "roofline_tokens": 512, "pp": [512], "decode_prompt": 128, "decode_tokens": 8, "types": ["int4"],
+           "params": 3e9, "plan": {}, "quantize_runs": {}, "llama_info": {k: v["info"] for k, v in got.items()},
+           "llama_cpp": {k: {"int4": v} for k, v in got.items()},
+           "hybridlm": {"int4": {"rows": [{"metric": "prompt", "tokens": 512, "tok_s": 40.0},
+                                          {"metric": "decode", "tokens": 8, "tok_s": 6.0, "gb_s": 10.0}]}}}
+    monkeypatch.setattr("hybridlm.bench.environment_md", lambda env: "- machine: test")
+    qb.write_report(res, tmp_path / "r")
+    md = (tmp_path / "r.md").read_text()
+    assert "| int4 | 40.00 | crashed | 10.00 (Q4_0) | 4.00x |" in md          # prompt: only the build that ran
+    assert "| int4 | 6.00 | 4.00 (Q4_0) | 2.00 (Q4_0) | 1.50x |" in md       # decode: against the faster build
+    assert "`crashed`: llama-bench died" in md and "amx int4" in md
