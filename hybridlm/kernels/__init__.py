@@ -224,24 +224,21 @@ def decode_plan(model, cache, input_ids, mask):
         return None
 
 
-def _fast_bf16() -> bool:
+def _fast_bf16(flags: set[str]) -> bool:
     """Whether torch's bf16 GEMM runs at full speed here: x86 CPUs with AVX512-BF16 or AMX, or not x86.
     Without them (AVX2-only CPUs such as AMD Zen 2/3) it emulates bf16 at ~1/5 of the fp32 rate (10 vs 46
     GFLOP/s measured on a 2-core Zen 3 for a 512 x 2560 x 10240 product, the upcast included)."""
-    from .build import _cpu_id
-    flags = _cpu_id().split()
     return "avx2" not in flags or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_FAST_BF16 = _fast_bf16()
-
-def _amx() -> bool:
-    """Whether torch's bf16 GEMMs run on AMX tiles here (decode_cpu.quant_rows)."""
+def _cpu_flags() -> set[str]:
     from .build import _cpu_id
-    return "amx_bf16" in _cpu_id().split()
+    return set(_cpu_id().split())
 
 
-_AMX = _amx()
+_FLAGS = _cpu_flags()
+_FAST_BF16 = _fast_bf16(_FLAGS)
+_AMX = "amx_bf16" in _FLAGS        # torch's bf16 GEMMs run on AMX tiles (decode_cpu.quant_rows)
 
 
 def gemm_dtype(x) -> torch.dtype:
