@@ -173,6 +173,11 @@ def llama_bench_each(paths: dict, gguf: Path, a) -> dict:
     return {"rows": rows, "errors": errors, "info": info}
 
 
+def _crashed(error: dict) -> bool:
+    """Whether a llama_bench_each error is llama-bench dying of a segmentation fault (exit code -11)."""
+    return "(-11)" in error["error"]
+
+
 def plan_bytes(spec: str | None, context: int) -> int:
     from hybridlm.config import preset
     from hybridlm.summary import memory_plan
@@ -203,7 +208,7 @@ def write_report(res: dict, out: Path):
         got = res["llama_cpp"][label].get(t, {})
         row = next((r for r in got.get("rows", []) if r["metric"] == metric and r["tokens"] == tokens), None)
         err = next((e for e in got.get("errors", []) if e["metric"] == metric and e["tokens"] == tokens), None)
-        return (row or {}).get("tok_s"), ("crashed" if err and "(-11)" in err["error"] else "failed") if err else "–"
+        return (row or {}).get("tok_s"), ("crashed" if _crashed(err) else "failed") if err else "–"
 
     for metric, tokens in [("prompt", n) for n in res["pp"]] + [("decode", res["decode_tokens"])]:
         what = f"prompt processing, {tokens:,} tokens (tok/s)" if metric == "prompt" else \
@@ -249,7 +254,7 @@ def write_report(res: dict, out: Path):
               "llama-bench's decode (tg) starts from an empty context, ours after the prompt (2 attention layers "
               "over ~130 keys: negligible at this size). Each type's two systems ran back to back."]
     crashed = sorted({f"{label} {t}" for label in builds for t, r in res["llama_cpp"][label].items()
-                      for e in r.get("errors", []) if "(-11)" in e["error"]})
+                      for e in r.get("errors", []) if _crashed(e)})
     if crashed:
         lines += [f"\n`crashed`: llama-bench died of a segmentation fault in that test ({', '.join(crashed)}); "
                   "that build's other tests ran each on its own. On Sapphire Rapids this is ggml's AMX matrix "
@@ -302,7 +307,7 @@ def main():
     if not a.no_llama:
         roots = a.llama_cpp or [Path(os.environ.get("HYBRIDLM_LLAMA_CPP", CACHE / "llama.cpp"))]
         builds = {root.name: llama_cpp_paths(root) for root in roots}      # the first converts and quantizes
-        ggufs = gguf_files(ckpt, {**llama_cpp_paths(roots[0]), "quantize": roots[0] / "build" / "bin" / "llama-quantize"})
+        ggufs = gguf_files(ckpt, {**builds[roots[0].name], "quantize": roots[0] / "build" / "bin" / "llama-quantize"})
         src = roots[0] / "SOURCE"
         res["llama_source"] = src.read_text().strip() if src.exists() else None
 
