@@ -60,6 +60,36 @@ def test_linear_step_bf16_within_output_rounding(k, rows):
     assert err(out, exact) <= err(F.linear(x, w), exact) * 1.01 + 1e-6
 
 
+@pytest.mark.parametrize("rows", [2, 5, 8, 16, 19])
+@pytest.mark.parametrize("o, k", [(70, 100), (130, 512), (64, 40), (200, 33), (48, 16)])
+def test_bf16_rows_on_amx_tiles_match_row_dots(rows, o, k):
+    """Where the CPU has AMX, bf16 weights times 2+ rows run on tiles (64 / 16 weight rows at a time, the
+    last k % 32 columns and the rows past a 16-row block by row dots); both paths compute the products of the
+    same bf16-rounded x, so both agree with the exact fp32 product of those to fp32 rounding."""
+    from hybridlm.kernels import build
+    lib = build.load()
+    if not lib.hybridlm_amx_tiles(-1):
+        pytest.skip("no AMX tiles on this CPU (or not granted by the OS): row dots only")
+    g = gen(rows * o + k)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(o, k, generator=g).bfloat16()
+    bias = torch.randn(o, generator=g)
+    exact = F.linear(x.bfloat16().float(), w.float(), bias)
+    # row_dot_bf16 rounds x to bf16 in whole 32-column blocks only; the tail stays fp32 in both paths
+    tail = k % 32
+    if tail:
+        exact += F.linear(x[:, k - tail:] - x[:, k - tail:].bfloat16().float(), w[:, k - tail:].float())
+    tiles = decode_cpu.linear_step(x, w, bias)
+    try:
+        assert lib.hybridlm_amx_tiles(1) == 0
+        dots = decode_cpu.linear_step(x, w, bias)
+    finally:
+        assert lib.hybridlm_amx_tiles(0) == 1
+    scale = exact.abs().max().item()
+    assert err(tiles, exact) < 2e-6 * scale * k ** 0.5
+    assert err(dots, exact) < 2e-6 * scale * k ** 0.5
+    assert "AMX tiles" in kernels.report()["decode"]
+
+
 def test_linear_dispatch_rules():
     w = torch.randn(8, 16)
     few, many = torch.randn(4, 16), torch.randn(5, 16)

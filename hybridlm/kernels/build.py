@@ -50,6 +50,7 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_decode_rec_len": [],
     "hybridlm_has_flash_attn": [],
     "hybridlm_int_dot_path": [],
+    "hybridlm_amx_tiles": [_INT],
     "hybridlm_flash_attn": [_P, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P] + [_I64] * 8
                            + [ctypes.c_float, _INT],
     "hybridlm_mamba2_step": [_P, _P, _INT, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, ctypes.c_float, _P, _P, _P,
@@ -58,7 +59,7 @@ SIGNATURES = {  # argument types of each exported function (pointers, then sizes
     "hybridlm_attn_step": [_P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 7 + [ctypes.c_float, _INT],
 }
 RESTYPES = {"hybridlm_decode_rec_len": _I64, "hybridlm_has_flash_attn": _INT, "hybridlm_int_dot_path": _INT,
-            "hybridlm_flash_attn": _INT}  # else void
+            "hybridlm_amx_tiles": _INT, "hybridlm_flash_attn": _INT}  # else void
 
 _lib: ctypes.CDLL | None = None
 info: dict = {}   # path, build_seconds (0: cached), compiler, isa: filled by load()
@@ -154,6 +155,8 @@ def load() -> ctypes.CDLL:
         isa = f"-march={MARCH}"
     int_dot = ("portable C++", "AVX2 integer dot products (maddubs)", "AVX-VNNI integer dot products (vpdpbusd)",
                "AVX512-VNNI integer dot products (vpdpbusd)")[lib.hybridlm_int_dot_path()]
-    info.update(path=str(out), build_seconds=seconds, compiler=cxx, isa=isa, int_dot=int_dot)
+    bf16_rows = ("AMX tiles" if lib.hybridlm_amx_tiles(-1) else
+                 "AVX512-BF16 dot products" if "avx512_bf16" in flags and MARCH == "native" else "widened to fp32")
+    info.update(path=str(out), build_seconds=seconds, compiler=cxx, isa=isa, int_dot=int_dot, bf16_rows=bf16_rows)
     _lib = lib
     return lib

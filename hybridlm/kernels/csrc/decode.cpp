@@ -23,6 +23,8 @@
 #include <vector>
 
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -286,6 +288,95 @@ inline void row_dot_any(const float* wr, const bf16*, const float* x, int64_t k,
 #endif
 }
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define HYBRIDLM_AMX 1
+// bf16 weights times several rows of x on AMX tiles (Sapphire Rapids and later): a speculative verify chunk
+// or a batch. One tdpbf16ps multiplies 16 weight rows x 32 columns (tile A, loaded straight from w with
+// a row stride of k) by 32 columns x nb rows of x (tile B: x rounded to bf16, packed in pairs of columns)
+// into 16 x nb fp32 sums (tile C). Four C tiles (64 weight rows) share each B tile. The row_dot_bf16 loop
+// spends as many instructions reducing its nb accumulators as multiplying when k is a few hundred: on the
+// 25M model's shapes a verify chunk of 8 tokens ran its products ~3x slower than this (see AMX_MIN_ROWS).
+constexpr int64_t AMX_MIN_ROWS = 2;   // batch rows from which tiles beat row_dot_bf16 (one row: row_dot)
+
+struct TileConfig {           // the LDTILECFG operand, palette 1
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// The kernel may use tiles only once the OS has granted this process the AMX state (Linux >= 5.16)
+inline bool amx_granted() {
+    static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return ok;
+}
+int amx_off = 0;   // hybridlm_amx_tiles(1): tests and benchmarks time row_dot_bf16 on the same CPU
+
+// Rows [r0, r1) of out[bi, r] (+ bias) for nb <= 16 rows of x (xh: x rounded to bf16 [nb, k], full 32-column
+// blocks; x: fp32, for the last k % 32 columns), in blocks of 16 weight rows; returns the first row left
+// (fewer than 16 remain).
+int64_t gemv_rows_amx(const bf16* w, const float* bias, const bf16* xh, const float* x, float* out, int64_t ldo,
+                      int64_t nb, int64_t k, int64_t r0, int64_t r1) {
+    const int64_t kf = k / 32 * 32, wstride = k * 2, bstride = nb * 4;
+    thread_local std::vector<uint32_t> bp;    // B: [kf / 2, nb] pairs (x[n, 2p], x[n, 2p + 1])
+    bp.resize(kf / 2 * nb);
+    for (int64_t n = 0; n < nb; ++n) {
+        const uint32_t* xr = reinterpret_cast<const uint32_t*>(xh + n * k);
+        for (int64_t p = 0; p < kf / 2; ++p) bp[p * nb + n] = xr[p];
+    }
+    TileConfig cfg;
+    for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(bstride);   // C
+    for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;                               // A
+    cfg.rows[6] = 16, cfg.colsb[6] = static_cast<uint16_t>(bstride);                              // B
+    _tile_loadconfig(&cfg);
+    alignas(64) float c[4][16 * 16];
+    auto emit = [&](int64_t r, int blocks) {
+        for (int q = 0; q < blocks; ++q)
+            for (int64_t m = 0; m < 16; ++m) {
+                const int64_t row = r + 16 * q + m;
+                const bf16* wr = w + row * k;
+                for (int64_t n = 0; n < nb; ++n) {
+                    float v = c[q][m * nb + n] + (bias ? bias[row] : 0.0f);
+                    for (int64_t i = kf; i < k; ++i) v += bf2f(wr[i]) * x[n * k + i];
+                    out[n * ldo + row] = v;
+                }
+            }
+    };
+    int64_t r = r0;
+    for (; r + 64 <= r1; r += 64) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        const bf16* wr = w + r * k;
+        for (int64_t kk = 0; kk < kf; kk += 32) {
+            _tile_loadd(6, bp.data() + kk / 2 * nb, bstride);
+            _tile_loadd(4, wr + kk, wstride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, wr + 16 * k + kk, wstride);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(4, wr + 32 * k + kk, wstride);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_loadd(5, wr + 48 * k + kk, wstride);
+            _tile_dpbf16ps(3, 5, 6);
+        }
+        _tile_stored(0, c[0], bstride); _tile_stored(1, c[1], bstride);
+        _tile_stored(2, c[2], bstride); _tile_stored(3, c[3], bstride);
+        emit(r, 4);
+    }
+    for (; r + 16 <= r1; r += 16) {
+        _tile_zero(0);
+        for (int64_t kk = 0; kk < kf; kk += 32) {
+            _tile_loadd(6, bp.data() + kk / 2 * nb, bstride);
+            _tile_loadd(4, w + r * k + kk, wstride);
+            _tile_dpbf16ps(0, 4, 6);
+        }
+        _tile_stored(0, c[0], bstride);
+        emit(r, 1);
+    }
+    _tile_release();
+    return r;
+}
+#else
+#define HYBRIDLM_AMX 0
+#endif
+
 // out[bi, r] = dot(w[r, :k], x[bi, :k]) (+ bias[r]) for rows r in [r0, r1); x fp32 [b, k]; out fp32 with
 // row stride ldo. The weights are read once, in memory order (measured 1.5x faster than interleaving
 // several rows: the hardware prefetcher follows one stream best).
@@ -295,6 +386,17 @@ void gemv_rows(const T* w, const float* bias, const float* x, float* out, int64_
     float s[BF];
     thread_local std::vector<bf16> buf;
     const bf16* xh = std::is_same_v<T, bf16> ? bf16_rows(x, b, k, buf) : nullptr;
+#if HYBRIDLM_AMX
+    if constexpr (std::is_same_v<T, bf16>) {
+        if (b >= AMX_MIN_ROWS && k >= 32 && r1 - r0 >= 16 && !amx_off && amx_granted()) {
+            int64_t done = r0;
+            for (int64_t b0 = 0; b0 < b; b0 += 16)
+                done = gemv_rows_amx(w, bias, xh + b0 * k, x + b0 * k, out + b0 * ldo, ldo, std::min<int64_t>(16, b - b0),
+                                     k, r0, r1);
+            r0 = done;     // fewer than 16 rows left: row_dot below
+        }
+    }
+#endif
     for (int64_t r = r0; r < r1; ++r) {
         const T* wr = w + r * k;
         for (int64_t b0 = 0; b0 < b; b0 += BF) {
@@ -562,6 +664,18 @@ extern "C" {
 // which integer dot products the quantized kernels were compiled with: 3 AVX512-VNNI, 2 AVX-VNNI, 1 AVX2
 // (maddubs + madd), 0 portable C++
 int hybridlm_int_dot_path() { return HYBRIDLM_INT_DOT; }
+
+// whether bf16 products of several rows run on AMX tiles (gemv_rows_amx): 1 yes, 0 not compiled for this
+// CPU or not granted by the OS; off != 0 turns the tiles off (-1: only ask)
+int hybridlm_amx_tiles(int off) {
+#if HYBRIDLM_AMX
+    if (off >= 0) amx_off = off;
+    return !amx_off && amx_granted();
+#else
+    (void)off;
+    return 0;
+#endif
+}
 
 // out [b, o] (fp32 or bf16) = x [b, k] (fp32 or bf16) @ w[o, k]^T (+ bias fp32 [o])
 void hybridlm_linear_step(const void* x, int act_bf16, const Mat* w, const float* bias, void* out,
