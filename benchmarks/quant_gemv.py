@@ -7,7 +7,10 @@ from cache. Prints effective GB/s (bytes of weights and scales read per second) 
 measured read bandwidth (a large tensor summed: bytes read per second, the decode bound) and the fraction
 of it, and the copy bandwidth (read + write bytes per second).
 
-    python benchmarks/quant_gemv.py [--threads 2] [--repeats 5] [--formats int8,int4:g32]
+    python benchmarks/quant_gemv.py [--threads 2] [--repeats 5] [--formats int8,int4:g32] [--rows 1,2,4,8]
+
+With --rows above 1 (a speculative verify chunk, a batch), GB/s still counts each weight byte once; bf16 is
+measured on AMX tiles and again on the AVX-512 row dots where the CPU has AMX.
 """
 from __future__ import annotations
 
@@ -64,11 +67,11 @@ def layers(fmt: str, total_bytes: int) -> list:
     return out
 
 
-def measure(fmt: str, threads: int, repeats: int) -> dict:
+def measure(fmt: str, threads: int, repeats: int, rows: int = 1) -> dict:
     torch.set_num_threads(threads)
     ls = layers(fmt, 1 << 30)
     nbytes = sum(t.numel() * t.element_size() for layer in ls for t in decode_cpu.tensors_of(layer))
-    xs = {k: torch.randn(1, k) for _, k in SHAPES}
+    xs = {k: torch.randn(rows, k) for _, k in SHAPES}
     best = float("inf")
     for r in range(repeats + 1):
         t0 = time.perf_counter()
@@ -77,7 +80,7 @@ def measure(fmt: str, threads: int, repeats: int) -> dict:
         dt = time.perf_counter() - t0
         if r:                                  # the first pass warms up
             best = min(best, dt)
-    return {"format": fmt, "bytes": nbytes, "seconds": best, "gb_s": nbytes / best / 1e9}
+    return {"format": fmt, "rows": rows, "bytes": nbytes, "seconds": best, "gb_s": nbytes / best / 1e9}
 
 
 def main():
@@ -85,18 +88,26 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--formats", type=lambda s: s.split(","), default=FORMATS, help=f"default {','.join(FORMATS)}")
+    ap.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=[1],
+                    help="rows of x per product (comma-separated; default 1: a decode step)")
     args = ap.parse_args()
-    build.load()
+    lib = build.load()
+    amx = bool(lib.hybridlm_amx_tiles(-1))
     env = environment()
     print(f"CPU {env['cpu']} ({' '.join(env['cpu_flags'])}); kernels built for {build.info['isa']}; "
           f"{args.threads} threads")
     bw = read_bandwidth(args.threads) / 1e9
     print(f"copy bandwidth (read + write): {copy_bandwidth(args.threads) / 1e9:.1f} GB/s; read bandwidth: {bw:.1f} GB/s")
-    print(f"{'format':10s} {'weights':>10s} {'ms/pass':>9s} {'GB/s':>7s} {'of read bw':>11s}")
+    print(f"{'format':10s} {'rows':>4s} {'path':>10s} {'weights':>10s} {'ms/pass':>9s} {'GB/s':>7s} {'of read bw':>11s}")
     for fmt in args.formats:
-        r = measure(fmt, args.threads, args.repeats)
-        print(f"{fmt:10s} {r['bytes'] / 2**20:8.0f} MiB {r['seconds'] * 1e3:9.1f} {r['gb_s']:7.1f} "
-              f"{r['gb_s'] / bw:10.0%}")
+        for rows in args.rows:
+            paths = ["AMX tiles", "row dots"] if fmt == "bf16" and rows > 1 and amx else ["-"]
+            for path in paths:
+                lib.hybridlm_amx_tiles(int(path == "row dots"))
+                r = measure(fmt, args.threads, args.repeats, rows)
+                print(f"{fmt:10s} {rows:4d} {path:>10s} {r['bytes'] / 2**20:8.0f} MiB {r['seconds'] * 1e3:9.1f} "
+                      f"{r['gb_s']:7.1f} {r['gb_s'] / bw:10.0%}", flush=True)
+    lib.hybridlm_amx_tiles(0)
 
 
 if __name__ == "__main__":

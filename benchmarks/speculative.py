@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -252,6 +253,38 @@ def case_row(task: str, method: str, k: int, key: str, prompt_tokens: int, tempe
             "stats": st, "identical": same if temperature == 0 else None}
 
 
+def divergence(model, ids: torch.Tensor, r: dict, plain: dict, spec: dict) -> dict:
+    """Where a greedy speculative run left plain greedy decoding, explain it: the two tokens' logits in the
+    target's full forward over the prompt and the plain tokens before that point. A gap within one step of
+    the logits' dtype at that magnitude (bf16: 8 significant bits) is a tie that the two paths' fp32 sums,
+    taken in different orders, rounded apart (``tie``); anything wider is a real difference (exit 1)."""
+    if r["identical"] is not False:
+        return r
+    a, b = plain["tokens"], spec["tokens"]
+    i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if i >= min(len(a), len(b)):
+        r["divergence"] = {"index": i, "tie": False, "why": "lengths differ"}
+        return r
+    with torch.no_grad():
+        logits = model(torch.cat([ids, torch.tensor([a[:i]], dtype=ids.dtype)], 1))[0, -1]
+    la, lb = float(logits[a[i]]), float(logits[b[i]])
+    bits = -int(math.log2(torch.finfo(logits.dtype).eps))    # stored mantissa bits: bf16 7, fp32 23
+    step = 2.0 ** (math.floor(math.log2(max(abs(la), abs(lb), 1e-30))) - bits)
+    r["divergence"] = {"index": i, "plain_token": a[i], "spec_token": b[i], "plain_logit": la, "spec_logit": lb,
+                       "resolution": step, "dtype": str(logits.dtype).replace("torch.", ""),
+                       "tie": abs(la - lb) <= step}
+    return r
+
+
+def same_label(r: dict) -> str:
+    if r["identical"] is None:
+        return "sampled"
+    if r["identical"]:
+        return "identical"
+    d = r.get("divergence", {})
+    return f"tie in {d['dtype']} logits at token {d['index']}" if d.get("tie") else "DIFFERENT FROM PLAIN"
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """One row per (task, method, k, temperature): decode tok/s over all prompts (total tokens / total
     seconds), so each prompt weighs by its decode time."""
@@ -268,7 +301,11 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "plain_tok_s": plain, "spec_tok_s": spec, "speedup": spec / plain,
                     "acceptance": sum(r["stats"]["accepted"] for r in rs) / drafted if drafted else 0.0,
                     "tokens_per_forward": sum(r["stats"]["tokens"] for r in rs) / forwards if forwards else 0.0,
-                    "identical": None if temp else all(r["identical"] for r in rs)})
+                    "identical": None if temp else all(r["identical"] for r in rs),
+                    "ties": sum(bool(r.get("divergence", {}).get("tie")) for r in rs)})
+        out[-1]["label"] = ("sampled" if temp else "identical" if out[-1]["identical"] else
+                            f"identical but {out[-1]['ties']} tie(s)" if out[-1]["ties"] == sum(r["identical"] is False for r in rs)
+                            else "DIFFERENT")
     return out
 
 
@@ -370,7 +407,7 @@ def trained(args):
 
     def report(r):
         rows.append(r)
-        same = {True: "identical", False: "DIFFERENT FROM PLAIN", None: "sampled"}[r["identical"]]
+        same = same_label(r)
         print(f"  {r['task']:12s} {fmt_k(r):22s} {r['file']:34s} plain {r['plain_tok_s']:7.1f} tok/s, "
               f"speculative {r['spec_tok_s']:7.1f} tok/s ({r['speedup']:.2f}x), acceptance {r['acceptance']:.0%}, "
               f"{r['tokens_per_forward']:.2f} tok/forward, {same}", flush=True)
@@ -382,7 +419,7 @@ def trained(args):
         plain = measure(target, x, args.new, args.repeats)
         for k in args.ks:
             spec = measure(target, x, args.new, args.repeats, Speculative("lookup", k=k))
-            report(case_row("copy", "lookup", k, key, len(prompt), 0.0, plain, spec))
+            report(divergence(target, x, case_row("copy", "lookup", k, key, len(prompt), 0.0, plain, spec), plain, spec))
     if draft is not None:
         print(f"(b) continuation of held-out source, draft model, k in {args.draft_k}:")
         for key, ids in cont_src:
@@ -392,7 +429,8 @@ def trained(args):
             for k in args.draft_k:
                 spec = measure(target, x, args.new, args.repeats,
                                Speculative("draft", k=k, draft=draft, adaptive=not args.fixed_k))
-                report(case_row("continuation", "draft", k, key, len(prompt), 0.0, plain, spec))
+                report(divergence(target, x, case_row("continuation", "draft", k, key, len(prompt), 0.0, plain, spec),
+                                  plain, spec))
         if args.sampled:
             key, ids = cont_src[0]
             prompt = tok.encode(head(tok, ids, args.context_tokens))
@@ -406,9 +444,16 @@ def trained(args):
 
     summary = summarise(rows)
     goals = verdicts(summary)
-    mismatches = [r for r in rows if r["identical"] is False]
-    same_line = (f"greedy speculative output identical to plain greedy, token for token, in all "
-                 f"{sum(r['identical'] is True for r in rows)} greedy cases" if not mismatches else
+    mismatches = [r for r in rows if r["identical"] is False and not r["divergence"]["tie"]]
+    ties = [r for r in rows if r["identical"] is False and r["divergence"]["tie"]]
+    greedy = sum(r["identical"] is not None for r in rows)
+    tie_note = ("" if not ties else
+                f" except {len(ties)} that left it at a tie in the logits' {ties[0]['divergence']['dtype']} "
+                f"(the two tokens' logits within one {ties[0]['divergence']['dtype']} step in the full forward: "
+                + ", ".join(f"{r['file']} ({fmt_k(r)}) at token {r['divergence']['index']}" for r in ties)
+                + "); the verify chunk's and the plain step's fp32 sums, taken in different orders, rounded apart")
+    same_line = (f"greedy speculative output identical to plain greedy, token for token, in "
+                 f"{sum(r['identical'] is True for r in rows)} of {greedy} greedy cases{tie_note}" if not mismatches else
                  f"GREEDY OUTPUT DIFFERS from plain greedy in {len(mismatches)} case(s): " +
                  ", ".join(f"{r['file']} ({fmt_k(r)})" for r in mismatches))
     res = {"command": " ".join(["python", "benchmarks/speculative.py", *sys.argv[1:]]), "env": env,
@@ -446,7 +491,7 @@ def summary_table(summary: list[dict]) -> str:
             f"{'speed-up':>10s}{'accept':>8s}{'tok/fwd':>9s}  greedy output")
     lines = [head, "-" * len(head)]
     for s in summary:
-        same = "sampled" if s["identical"] is None else ("identical" if s["identical"] else "DIFFERENT")
+        same = s["label"]
         lines.append(f"{s['task']:13s}{s['method']:8s}{s['k']:3d}{s['temperature']:5.1f}{s['prompts']:8d}"
                      f"{s['plain_tok_s']:13.1f}{s['spec_tok_s']:12.1f}{s['speedup']:9.2f}x{s['acceptance']:8.0%}"
                      f"{s['tokens_per_forward']:9.2f}  {same}")
@@ -478,7 +523,7 @@ def report_md(res: dict, env_md: str) -> str:
               "| task | method | k | temperature | prompts | plain tok/s | speculative tok/s | speed-up | acceptance "
               "| tokens per target forward | greedy output |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["summary"]:
-        same = "sampled" if r["identical"] is None else ("identical" if r["identical"] else "**different**")
+        same = same_label(r)
         lines.append(f"| {r['task']} | {r['method']} | {r['k']} | {r['temperature']:g} | {r['prompts']} | "
                      f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | {r['acceptance']:.0%} | "
                      f"{r['tokens_per_forward']:.2f} | {same} |")
@@ -489,7 +534,7 @@ def report_md(res: dict, env_md: str) -> str:
               "| acceptance | tokens/forward | verify forwards | rolled back | greedy output |",
               "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
-        same = "sampled" if r["identical"] is None else ("identical" if r["identical"] else "**different**")
+        same = same_label(r)
         lines.append(f"| {r['task']} | {r['method']} | {r['k']} | {r['temperature']:g} | `{r['file']}` | "
                      f"{r['prompt_tokens']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | "
                      f"{r['acceptance']:.0%} | {r['tokens_per_forward']:.2f} | {r['stats']['forwards']} | "

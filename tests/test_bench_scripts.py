@@ -77,6 +77,28 @@ def test_speculative_summary_and_verdicts():
     assert v["k"] == 2 and v["met"] and v["target"] == 2.0
 
 
+def test_speculative_divergence_tells_a_tie_from_a_difference():
+    """A greedy run that left plain decoding is a tie only where the two tokens' logits in the full forward
+    are within one step of their dtype (bf16 here); otherwise it stays a difference (the benchmark exits 1)."""
+    import torch
+    spec = _bench_module("speculative")
+
+    def model_with(la, lb):
+        def model(ids):
+            logits = torch.zeros(1, ids.shape[1], 8, dtype=torch.bfloat16)
+            logits[0, -1, 3], logits[0, -1, 5] = la, lb
+            return logits
+        return model
+    plain, other = {"tokens": [1, 2, 3, 4]}, {"tokens": [1, 2, 5, 4]}
+    for la, lb, tie in [(6.15625, 6.125, True), (7.21875, 7.21875, True), (6.15625, 6.0, False)]:
+        r = spec.divergence(model_with(la, lb), torch.tensor([[9, 9]]), {"identical": False}, plain, other)
+        d = r["divergence"]
+        assert d["index"] == 2 and (d["plain_token"], d["spec_token"]) == (3, 5) and d["tie"] is tie
+        assert spec.same_label(r).startswith("tie in bfloat16 logits at token 2" if tie else "DIFFERENT")
+    same = {"identical": True}
+    assert spec.divergence(None, None, same, plain, plain) is same and spec.same_label(same) == "identical"
+
+
 def test_multiturn_help():
     r = subprocess.run([sys.executable, str(BENCH / "multiturn.py"), "--help"], capture_output=True, text=True,
                        timeout=120)
