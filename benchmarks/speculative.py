@@ -523,7 +523,7 @@ def report_md(res: dict, env_md: str) -> str:
               "| task | method | k | temperature | prompts | plain tok/s | speculative tok/s | speed-up | acceptance "
               "| tokens per target forward | greedy output |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["summary"]:
-        same = same_label(r)
+        same = r.get("label") or same_label(r)
         lines.append(f"| {r['task']} | {r['method']} | {r['k']} | {r['temperature']:g} | {r['prompts']} | "
                      f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | {r['acceptance']:.0%} | "
                      f"{r['tokens_per_forward']:.2f} | {same} |")
