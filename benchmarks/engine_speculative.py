@@ -53,18 +53,19 @@ def main():
     ap.add_argument("--copy-tokens", type=int, default=384)
     ap.add_argument("--cue-lines", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (the checkpoint's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from hybridlm.bench import environment, environment_md
-    from hybridlm.checkpoint import load_model
+    from hybridlm.checkpoint import load_model, parse_dtype
     from hybridlm.speculative import Speculative
     from hybridlm.tokenizer import load_tokenizer
     tok = load_tokenizer(args.model)
-    model = load_model(args.model).eval()
+    model = load_model(args.model, dtype=parse_dtype(args.dtype)).eval()
     sources = held_out_sources(tok, args.copy_tokens)
     prompts = [tok.encode(copy_prompt(tok, ids, args.copy_tokens, args.cue_lines)) for _, ids in sources]
     print(environment_md(environment()), flush=True)
-    print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {args.threads} threads; copy task, "
+    print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {args.threads} threads, {args.dtype}; copy task, "
           f"{args.new} new tokens per request, greedy, prompt lookup k = {args.k}", flush=True)
     run(model, tok, prompts[:1], 8, None)                                      # warm-up
     run(model, tok, prompts[:1], 8, Speculative("lookup", args.k))

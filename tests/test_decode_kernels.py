@@ -8,6 +8,7 @@ d_state above one vector, GQA groups of 1, 2 and 4, and slot runs split between 
 """
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -419,6 +420,44 @@ def test_plan_takes_a_verify_chunk(over, dtype, b, l, monkeypatch):
         for states_fast, states_slow in ((fast[2], slow[2]), (fast[3], slow[3])):
             for k, c in states_slow.items():
                 assert err(states_fast[k], c) < tol * max(1.0, c.float().abs().max().item()), k
+
+
+@pytest.mark.parametrize("b, l", [(8, 1), (2, 8), (4, 8), (8, 4), (1, 16)])
+def test_bf16_on_amx_tiles_takes_more_rows_in_one_call(b, l, monkeypatch):
+    """Where bf16 products of several rows run on AMX tiles, a bf16 model's plain step of up to 8 rows and its
+    verify chunks of up to 32 rows x tokens go through the one-call step (decode_cpu.row_limits), with the
+    layer path's logits and cache; fp32 models, and CPUs without AMX, keep 4 rows / 8."""
+    assert decode_cpu.row_limits(torch.float32) == (decode_cpu.MAX_ROWS, decode_cpu.PLAN_ROWS)
+    if not decode_cpu._amx_tiles():
+        assert decode_cpu.row_limits(torch.bfloat16) == (decode_cpu.MAX_ROWS, decode_cpu.PLAN_ROWS)
+        pytest.skip("no AMX tiles here: the one-call step keeps 4 rows / 8 rows x tokens")
+    model = HybridLM(preset("tiny")).init_weights(0)
+    randomize_(model, seed=9)
+    model.eval().to(torch.bfloat16)
+    prompt = torch.randint(3, model.config.vocab_size, (b, 9), generator=gen(12))
+    chunk = torch.randint(3, model.config.vocab_size, (b, l), generator=gen(13))
+    calls = []
+    real = decode_cpu.plan_step
+    monkeypatch.setattr(decode_cpu, "plan_step", lambda *a: calls.append(a[2].shape) or real(*a))
+
+    def run(m):
+        cache = m.new_cache(b, 32)
+        prefill(m, cache, prompt)
+        with torch.no_grad():
+            return m(chunk, cache).float(), cache.tensors()
+    fast = run(model)
+    assert (b, l) in calls
+    with monkeypatch.context() as m:
+        m.setattr(decode_cpu, "plan_applies", lambda *a: False)
+        slow, exact = run(model), run(copy.deepcopy(model).float())   # torch's bf16 ops; fp32 on the same weights
+    # the one call keeps fp32 between ops where torch's bf16 ops round after each: at least as close to fp32
+    # (a bf16 rounding may send a token to other experts in either path: a few large differences, so the mean too)
+    assert err(fast[0], exact[0]) <= err(slow[0], exact[0]) * 1.05 + 1e-3
+    mean = lambda a: (a - exact[0]).abs().mean().item()  # noqa: E731
+    assert mean(fast[0]) <= mean(slow[0]) * 1.05 + 1e-4 and mean(fast[0]) < 0.01 * exact[0].abs().max().item()
+    for k, c in exact[1].items():
+        e_fast, e_slow = ((a.float() - c.float()).abs().mean().item() for a in (fast[1][k], slow[1][k]))
+        assert e_fast <= e_slow * 1.1 + 1e-3, k
 
 
 def test_plan_follows_weight_and_cache_changes():

@@ -117,7 +117,10 @@ def _report() -> dict:
                                    + ("C++ flash kernel (AVX512-BF16)" if _cpu_error is None and flash_attn_available()
                                       else "torch SDPA (this CPU or build has no AVX512-BF16 kernel)")
                                    + "; otherwise torch SDPA",
-            "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows, fp32/bf16, no grad: "
+            "decode": f"CPU, <= {decode_cpu.MAX_ROWS} rows"
+                      + (f" ({decode_cpu.AMX_ROWS} in bf16 on AMX tiles, verify chunks of {decode_cpu.AMX_PLAN_ROWS} rows x tokens)"
+                         if _cpu_error is None and decode_cpu.row_limits(torch.bfloat16)[0] > decode_cpu.MAX_ROWS else "")
+                      + ", fp32/bf16, no grad: "
                       f"{'one C++ call per step through all layers for Jamba- and Granite-4.0-H-style layers (Mamba-1, Mamba-2, attention without RoPE/window, the Granite multipliers, shared experts), speculative verify chunks of up to 8 rows x tokens included (Mamba-1 models), else fused C++ steps per layer (Mamba-1 and Mamba-2 mixers, MLP, MoE, attention over the cache, RMSNorm, linear), as for layers with a mixer or a feed-forward alone (Nemotron-H), relu2 MLPs or RoPE; bf16 weights times 2+ rows (verify chunks, batches): ' + build.info['bf16_rows'] if _cpu_error is None else 'torch ops (C++ kernels unavailable)'}; "
                       "otherwise torch ops",
             "quantized weights": (f"int8/int4 (tiles of 8 rows) times int8 activations in the C++ kernels "

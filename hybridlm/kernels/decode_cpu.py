@@ -15,6 +15,7 @@ reaches C++ as a ``Mat`` (csrc/mat.h): its kind, data, scales and layout.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -291,17 +292,40 @@ _REC = len(_HEAD + _MAMBA + _FFN)
 # chunk (k + 1 tokens of a row; the projections read each weight once per 4 rows, the recurrences and the
 # attention go token by token). Past this a chunk is a prompt, and the layer-by-layer path's GEMMs win.
 PLAN_ROWS = 8
+# With AMX tiles (csrc/decode.cpp: gemv_rows_amx) bf16 weights times 8 rows cost what one row does (at the read
+# bandwidth: benchmarks/results/quant_gemv.md), so a model computing in bf16 takes up to AMX_ROWS rows per
+# one-call step and verify chunks of up to AMX_PLAN_ROWS rows x tokens. Through the engine (2-core Sapphire
+# Rapids, the 93M model of benchmarks/results/speculative_spr.md, bf16, `python benchmarks/engine_speculative.py
+# --model M --dtype bfloat16`): 8 requests decode at 244-251 tok/s instead of 102-108 layer by layer; with
+# prompt lookup 2 / 4 / 8 requests reach 305 / 234 / 288 tok/s with chunks of 32 (16: 296 / 208 / 253;
+# 8: 201 / 153 / 192). benchmarks/results/engine_speculative_spr.md.
+AMX_ROWS, AMX_PLAN_ROWS = 8, 32
+
+
+@functools.cache
+def _amx_tiles() -> bool:
+    try:
+        return bool(build.load().hybridlm_amx_tiles(-1))
+    except build.KernelUnavailable:
+        return False
+
+
+def row_limits(dtype: torch.dtype) -> tuple[int, int]:
+    """(rows of a one-call decode step, rows x tokens of a one-call verify chunk) for a model computing in
+    ``dtype``: MAX_ROWS / PLAN_ROWS, larger for bf16 where the CPU has AMX tiles."""
+    return (AMX_ROWS, AMX_PLAN_ROWS) if dtype == torch.bfloat16 and _amx_tiles() else (MAX_ROWS, PLAN_ROWS)
 
 
 def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
     """Whether ``DecodePlan`` can run this forward: rows x tokens <= PLAN_ROWS (one token per row: at most
-    MAX_ROWS rows; a multi-token chunk only without Mamba-2 layers), no mask, no gradient, CPU, fp32/bf16, and
+    MAX_ROWS rows; both larger for bf16 on AMX, ``row_limits``; a multi-token chunk only without Mamba-2 layers), no mask, no gradient, CPU, fp32/bf16, and
     only layers the records describe (``jamba_layers``)."""
     w = model.model.embed_tokens.weight
     b, l = input_ids.shape
     cfg = model.config
-    return (mask is None and (b <= MAX_ROWS if l == 1 else
-                              b * l <= PLAN_ROWS and MIXER_SYMBOL["mamba2"] not in cfg.pattern.lower())
+    rows, plan_rows = row_limits(w.dtype)
+    return (mask is None and (b <= rows if l == 1 else
+                              b * l <= plan_rows and MIXER_SYMBOL["mamba2"] not in cfg.pattern.lower())
             and input_ids.device.type == "cpu" and w.dtype in _DTYPES and jamba_layers(model.config) is None
             and not (torch.is_grad_enabled() and w.requires_grad))
 
@@ -313,7 +337,7 @@ def verify_tokens(model, cache, rows: int) -> int | None:
     probe = model.model.embed_tokens.weight.new_zeros(rows, 1, dtype=torch.long)
     if not (plan_applies(model, cache, probe, None) and plan_applies(model, cache, probe.new_zeros(1, 2), None)):
         return None
-    return PLAN_ROWS // rows
+    return row_limits(model.model.embed_tokens.weight.dtype)[1] // rows
 
 
 def jamba_layers(cfg) -> str | None:
