@@ -369,6 +369,16 @@ def test_plan_step_equals_layer_by_layer(over, monkeypatch):
         assert err(a, b) < 1e-4, k
 
 
+def chunk_and_spy(model, b: int, l: int, monkeypatch):
+    """A seeded prompt [b, 9] and verify chunk [b, l], and the input shapes of every one-call step from now."""
+    prompt = torch.randint(3, model.config.vocab_size, (b, 9), generator=gen(12))
+    chunk = torch.randint(3, model.config.vocab_size, (b, l), generator=gen(13))
+    calls = []
+    real = decode_cpu.plan_step
+    monkeypatch.setattr(decode_cpu, "plan_step", lambda *a: calls.append(a[2].shape) or real(*a))
+    return prompt, chunk, calls
+
+
 @pytest.mark.parametrize("over", [dict(), dict(router_renormalize=True, num_experts=3, num_experts_per_tok=2),
                                   dict(layout="aMmA", num_hidden_layers=4, mamba_proj_bias=True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8", "int4:g32"])
@@ -385,11 +395,7 @@ def test_plan_takes_a_verify_chunk(over, dtype, b, l, monkeypatch):
         quantize_model(model, dtype)
     else:
         model.to(dtype)
-    prompt = torch.randint(3, model.config.vocab_size, (b, 9), generator=gen(12))
-    chunk = torch.randint(3, model.config.vocab_size, (b, l), generator=gen(13))
-    calls = []
-    real = decode_cpu.plan_step
-    monkeypatch.setattr(decode_cpu, "plan_step", lambda *a: calls.append(a[2].shape) or real(*a))
+    prompt, chunk, calls = chunk_and_spy(model, b, l, monkeypatch)
 
     def run(keep):
         cache = model.new_cache(b, 20)
@@ -434,11 +440,7 @@ def test_bf16_on_amx_tiles_takes_more_rows_in_one_call(b, l, monkeypatch):
     model = HybridLM(preset("tiny")).init_weights(0)
     randomize_(model, seed=9)
     model.eval().to(torch.bfloat16)
-    prompt = torch.randint(3, model.config.vocab_size, (b, 9), generator=gen(12))
-    chunk = torch.randint(3, model.config.vocab_size, (b, l), generator=gen(13))
-    calls = []
-    real = decode_cpu.plan_step
-    monkeypatch.setattr(decode_cpu, "plan_step", lambda *a: calls.append(a[2].shape) or real(*a))
+    prompt, chunk, calls = chunk_and_spy(model, b, l, monkeypatch)
 
     def run(m):
         cache = m.new_cache(b, 32)
