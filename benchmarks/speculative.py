@@ -297,15 +297,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         spec = sum(r["spec_tokens"] for r in rs) / sum(r["spec_decode_s"] for r in rs)
         drafted = sum(r["stats"]["drafted"] for r in rs)
         forwards = sum(r["stats"]["forwards"] for r in rs)
+        ties = sum(bool(r.get("divergence", {}).get("tie")) for r in rs)
+        different = sum(r["identical"] is False for r in rs) - ties
         out.append({"task": task, "method": method, "k": k, "temperature": temp, "prompts": len(rs),
                     "plain_tok_s": plain, "spec_tok_s": spec, "speedup": spec / plain,
                     "acceptance": sum(r["stats"]["accepted"] for r in rs) / drafted if drafted else 0.0,
                     "tokens_per_forward": sum(r["stats"]["tokens"] for r in rs) / forwards if forwards else 0.0,
-                    "identical": None if temp else all(r["identical"] for r in rs),
-                    "ties": sum(bool(r.get("divergence", {}).get("tie")) for r in rs)})
-        out[-1]["label"] = ("sampled" if temp else "identical" if out[-1]["identical"] else
-                            f"identical but {out[-1]['ties']} tie(s)" if out[-1]["ties"] == sum(r["identical"] is False for r in rs)
-                            else "DIFFERENT")
+                    "identical": None if temp else all(r["identical"] for r in rs), "ties": ties,
+                    "label": "sampled" if temp else "DIFFERENT" if different else
+                             f"identical but {ties} tie(s)" if ties else "identical"})
     return out
 
 
@@ -405,7 +405,8 @@ def trained(args):
     print("costs: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()), flush=True)
     rows = []
 
-    def report(r):
+    def report(r, x, plain, spec):
+        r = divergence(target, x, r, plain, spec)
         rows.append(r)
         same = same_label(r)
         print(f"  {r['task']:12s} {fmt_k(r):22s} {r['file']:34s} plain {r['plain_tok_s']:7.1f} tok/s, "
@@ -419,7 +420,7 @@ def trained(args):
         plain = measure(target, x, args.new, args.repeats)
         for k in args.ks:
             spec = measure(target, x, args.new, args.repeats, Speculative("lookup", k=k))
-            report(divergence(target, x, case_row("copy", "lookup", k, key, len(prompt), 0.0, plain, spec), plain, spec))
+            report(case_row("copy", "lookup", k, key, len(prompt), 0.0, plain, spec), x, plain, spec)
     if draft is not None:
         print(f"(b) continuation of held-out source, draft model, k in {args.draft_k}:")
         for key, ids in cont_src:
@@ -429,8 +430,7 @@ def trained(args):
             for k in args.draft_k:
                 spec = measure(target, x, args.new, args.repeats,
                                Speculative("draft", k=k, draft=draft, adaptive=not args.fixed_k))
-                report(divergence(target, x, case_row("continuation", "draft", k, key, len(prompt), 0.0, plain, spec),
-                                  plain, spec))
+                report(case_row("continuation", "draft", k, key, len(prompt), 0.0, plain, spec), x, plain, spec)
         if args.sampled:
             key, ids = cont_src[0]
             prompt = tok.encode(head(tok, ids, args.context_tokens))
@@ -440,16 +440,17 @@ def trained(args):
             spec = measure(target, x, args.new, args.repeats,
                            Speculative("draft", k=k, draft=draft, adaptive=not args.fixed_k),
                            temperature=args.temperature)
-            report(case_row("continuation", "draft", k, key, len(prompt), args.temperature, plain, spec))
+            report(case_row("continuation", "draft", k, key, len(prompt), args.temperature, plain, spec), x, plain, spec)
 
     summary = summarise(rows)
     goals = verdicts(summary)
     mismatches = [r for r in rows if r["identical"] is False and not r["divergence"]["tie"]]
     ties = [r for r in rows if r["identical"] is False and r["divergence"]["tie"]]
     greedy = sum(r["identical"] is not None for r in rows)
+    dtype = ties[0]["divergence"]["dtype"] if ties else ""
     tie_note = ("" if not ties else
-                f" except {len(ties)} that left it at a tie in the logits' {ties[0]['divergence']['dtype']} "
-                f"(the two tokens' logits within one {ties[0]['divergence']['dtype']} step in the full forward: "
+                f" except {len(ties)} that left it at a tie in the logits' {dtype} "
+                f"(the two tokens' logits within one {dtype} step in the full forward: "
                 + ", ".join(f"{r['file']} ({fmt_k(r)}) at token {r['divergence']['index']}" for r in ties)
                 + "); the verify chunk's and the plain step's fp32 sums, taken in different orders, rounded apart")
     same_line = (f"greedy speculative output identical to plain greedy, token for token, in "

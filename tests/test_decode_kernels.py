@@ -9,6 +9,7 @@ d_state above one vector, GQA groups of 1, 2 and 4, and slot runs split between 
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -431,8 +432,8 @@ def test_plan_takes_a_verify_chunk(over, dtype, b, l, monkeypatch):
 @pytest.mark.parametrize("b, l", [(8, 1), (2, 8), (4, 8), (8, 4), (1, 16)])
 def test_bf16_on_amx_tiles_takes_more_rows_in_one_call(b, l, monkeypatch):
     """Where bf16 products of several rows run on AMX tiles, a bf16 model's plain step of up to 8 rows and its
-    verify chunks of up to 32 rows x tokens go through the one-call step (decode_cpu.row_limits), with the
-    layer path's logits and cache; fp32 models, and CPUs without AMX, keep 4 rows / 8."""
+    verify chunks of up to 32 rows x tokens go through the one-call step (decode_cpu.row_limits), its logits and
+    cache at least as close to fp32 as the layer path's; fp32 models, and CPUs without AMX, keep 4 rows / 8."""
     assert decode_cpu.row_limits(torch.float32) == (decode_cpu.MAX_ROWS, decode_cpu.PLAN_ROWS)
     if not decode_cpu._amx_tiles():
         assert decode_cpu.row_limits(torch.bfloat16) == (decode_cpu.MAX_ROWS, decode_cpu.PLAN_ROWS)

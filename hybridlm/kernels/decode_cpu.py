@@ -296,9 +296,9 @@ PLAN_ROWS = 8
 # bandwidth: benchmarks/results/quant_gemv.md), so a model computing in bf16 takes up to AMX_ROWS rows per
 # one-call step and verify chunks of up to AMX_PLAN_ROWS rows x tokens. Through the engine (2-core Sapphire
 # Rapids, the 93M model of benchmarks/results/speculative_spr.md, bf16, `python benchmarks/engine_speculative.py
-# --model M --dtype bfloat16`): 8 requests decode at 244-251 tok/s instead of 102-108 layer by layer; with
-# prompt lookup 2 / 4 / 8 requests reach 305 / 234 / 288 tok/s with chunks of 32 (16: 296 / 208 / 253;
-# 8: 201 / 153 / 192). benchmarks/results/engine_speculative_spr.md.
+# --model M --dtype bfloat16`): 8 requests decode at 244-255 tok/s instead of 102-108 layer by layer; with
+# prompt lookup 2 / 4 / 8 requests reach 266-305 / 225-234 / 286-288 tok/s with chunks of 32 (two runs; 16:
+# 296 / 208 / 253; 8: 201 / 153 / 192). benchmarks/results/engine_speculative_spr.md.
 AMX_ROWS, AMX_PLAN_ROWS = 8, 32
 
 
@@ -318,8 +318,8 @@ def row_limits(dtype: torch.dtype) -> tuple[int, int]:
 
 def plan_applies(model, cache, input_ids: torch.Tensor, mask) -> bool:
     """Whether ``DecodePlan`` can run this forward: rows x tokens <= PLAN_ROWS (one token per row: at most
-    MAX_ROWS rows; both larger for bf16 on AMX, ``row_limits``; a multi-token chunk only without Mamba-2 layers), no mask, no gradient, CPU, fp32/bf16, and
-    only layers the records describe (``jamba_layers``)."""
+    MAX_ROWS rows; both larger for bf16 on AMX, ``row_limits``; a multi-token chunk only without Mamba-2
+    layers), no mask, no gradient, CPU, fp32/bf16, and only layers the records describe (``jamba_layers``)."""
     w = model.model.embed_tokens.weight
     b, l = input_ids.shape
     cfg = model.config

@@ -23,8 +23,6 @@
 #include <vector>
 
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -290,6 +288,9 @@ inline void row_dot_any(const float* wr, const bf16*, const float* x, int64_t k,
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 #define HYBRIDLM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
 // bf16 weights times several rows of x on AMX tiles (Sapphire Rapids and later): a speculative verify chunk
 // or a batch. One tdpbf16ps multiplies 16 weight rows x 32 columns (tile A, loaded straight from w with
 // a row stride of k) by 32 columns x nb rows of x (tile B: x rounded to bf16, packed in pairs of columns)
