@@ -158,9 +158,12 @@ constexpr int RB = 8;   // split rows between threads in multiples of this (a qu
 constexpr int BB = 4;   // batch rows per pass over a quantized weight row
 constexpr int BF = 8;   // batch rows per pass over an fp32/bf16 weight row (a speculative verify chunk's 8)
 constexpr int64_t X_TILE_BYTES = 96 * 1024;   // quantized x rows kept in L2 per pass over the weights
-// how far ahead (bytes) tile_dot prefetches the weight stream, int4 and int8: 0.5-4 KiB tried on Sapphire
-// Rapids, where the int4 g32 product read 69% of the memory bandwidth without it, 84-90% with it
-constexpr int64_t PREFETCH_I4 = 2048, PREFETCH_I8 = 1024;
+// how far ahead (bytes) tile_dot prefetches the weight stream, into L2 (prefetcht1). Sapphire Rapids, 3B
+// shapes, 2 threads: without a prefetch the int4 g32 product read 69% of the memory bandwidth; 2 KiB ahead
+// into L1 (prefetcht0) 84-90% for g32 but 58-67% for g64/g128 (whose scale stream is sparser), and a
+// prefetch of the scales into L1 as well slowed g32 down to g64's speed (likely L1's few miss buffers).
+// Into L2, 4 KiB ahead: int8 95%, int4 g32/g64/g128 84-87% (1 KiB ahead: 72-77%).
+constexpr int64_t PREFETCH_AHEAD = 4096;
 
 // s[j] = dot(wr[:k], x[j*k : (j+1)*k]) for NB batch rows; NB * CH independent accumulator chains
 template <typename T, int NB>
@@ -510,7 +513,7 @@ inline void tile_dot(const Mat& m, int64_t t, const int8_t* xq, const float* xd,
     for (int64_t blk = 0; blk < nb; ++blk) {
         const uint8_t* wb = w + blk * TB;
         for (int64_t o = 0; o < TB; o += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(wb + (KIND == I4 ? PREFETCH_I4 : PREFETCH_I8) + o), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH_AHEAD + o), _MM_HINT_T1);
         __m256i isum[NB];
         for (int j = 0; j < NB; ++j) isum[j] = _mm256_setzero_si256();
 #ifdef HYBRIDLM_DPBUSD
