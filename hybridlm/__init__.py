@@ -12,6 +12,8 @@ openmp_spincount_set = ("torch" not in _sys.modules and "GOMP_SPINCOUNT" not in 
                         and "OMP_WAIT_POLICY" not in _os.environ)
 if openmp_spincount_set:
     _os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
+from . import allocator as _allocator
+_allocator.keep_heap()
 from .config import PRESETS, HybridConfig, preset
 from .model import HybridLM
 

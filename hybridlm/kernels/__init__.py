@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import allocator
 from . import decode_cpu
 from .attn_cpu import HEAD_SIZES, flash_attn_available, flash_attn_cpu
 from .conv_cpu import causal_conv1d_cpu, causal_conv1d_infer, causal_conv1d_step
@@ -133,7 +134,8 @@ def _report() -> dict:
             "bf16 GEMMs (prefill)": ("torch bf16" if _FAST_BF16 else
                                      "upcast to fp32 (this CPU has no AVX512-BF16/AMX: torch's bf16 GEMM is ~5x "
                                      "slower than fp32 here)"),
-            "cpu_kernels": library, "openmp waits": openmp_waits()}
+            "cpu_kernels": library, "openmp waits": openmp_waits(),
+            "large tensors": allocator.state}
 
 
 def openmp_waits() -> str:
