@@ -438,7 +438,7 @@ struct QX {            // x [b, ld] quantized per 32-column block
     std::vector<int8_t> q;
     std::vector<float> d, sum;   // [b, ld / 32]: the block's scale, and dx * its sum of xq (asymmetric weights)
     std::vector<int32_t> corr;   // [b, ld / 32]: 8 * the block's sum of xq (symmetric int4's -8, per block)
-    std::vector<int32_t> xv;     // [b, ld / 32, 4, 16]: int4 on 512-bit registers only (spread_x)
+    std::vector<int32_t> xv;     // [b, ld / 32, 4, 16]: int4 times one row on 512-bit registers (spread_x)
 };
 
 inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, QX& out) {
@@ -520,10 +520,12 @@ inline float scale_of(const bf16* p, int64_t i) { return bf2f(p[i]); }
 // signed through |w| and x carrying w's sign, summed in int32 per step (2 * 127 * 127 leaves no room).
 // With VNNI (AVX512-VNNI on 256-bit registers, or AVX-VNNI) one vpdpbusd does a step's multiply-and-add into
 // int32 (unsigned nibbles or |w| times signed x): 2 instructions fewer per step and no int16 sums.
-// int4 with AVX512-VNNI: 512-bit registers take two sub-blocks (lanes 8-15 the second one's rows) times x as
-// spread_x lays it out (xv), and the two halves are added: half the instructions of the 256-bit steps, which
-// kept the int4 product short of the memory bound on Sapphire Rapids (87% of the read bandwidth; 104% with
-// half its multiplies taken out, as a test). Now 95-97%; 3B int4 decode 12.3-12.5 -> 13.7-14.5 tok/s.
+// int4 times one row of x (decode) with AVX512-VNNI: 512-bit registers take two sub-blocks (lanes 8-15 the
+// second one's rows) times x as spread_x lays it out (xv), and the two halves are added: half the
+// instructions of the 256-bit steps, which kept the product short of the memory bound on Sapphire Rapids
+// (87% of the read bandwidth; 104% with half its multiplies taken out, as a test; now 91-97%). With 2+ rows
+// of x the spread rows outgrow L1 (20 KiB per row at k = 2560) and the 256-bit steps were as fast or faster
+// (4 rows: 64 vs 52 ms per GiB); x permuted into place in registers instead cost 1-row decode 7%.
 template <int NB, int KIND, bool ASYM, typename S>
 inline void tile_dot(const Mat& m, int64_t t, const int8_t* xq, const float* xd, const float* xs, const int32_t* xc,
                      const int32_t* xv, int shift, float* s) {
@@ -555,22 +557,20 @@ inline void tile_dot(const Mat& m, int64_t t, const int8_t* xq, const float* xd,
         for (int j = 0; j < NB; ++j)
             for (int c = 0; c < CH; ++c) part[j][c] = _mm256_setzero_si256();
 #endif
-        if constexpr (KIND == I4 && HYBRIDLM_I4_ZMM) {
+        if constexpr (KIND == I4 && HYBRIDLM_I4_ZMM && NB == 1) {      // xv: see gemv_q
 #if HYBRIDLM_I4_ZMM
             const __m512i low = _mm512_set1_epi8(15);
             const __m512i v0 = _mm512_loadu_si512(wb), v1 = _mm512_loadu_si512(wb + 64);
             const __m512i l0 = _mm512_and_si512(v0, low), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
             const __m512i l1 = _mm512_and_si512(v1, low), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
-            for (int j = 0; j < NB; ++j) {
-                const int32_t* xp = xv + (j * nb + blk) * 64;
-                __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, _mm512_loadu_si512(xp));
-                __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_loadu_si512(xp + 16));
-                lo = _mm512_dpbusd_epi32(lo, l1, _mm512_loadu_si512(xp + 32));
-                hi = _mm512_dpbusd_epi32(hi, h1, _mm512_loadu_si512(xp + 48));
-                lo = _mm512_add_epi32(lo, hi);
-                isum[j] = _mm256_add_epi32(_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1));
-                if (!ASYM) isum[j] = _mm256_sub_epi32(isum[j], _mm256_set1_epi32(xc[j * nb + blk]));
-            }
+            const int32_t* xp = xv + blk * 64;
+            __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, _mm512_loadu_si512(xp));
+            __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), h0, _mm512_loadu_si512(xp + 16));
+            lo = _mm512_dpbusd_epi32(lo, l1, _mm512_loadu_si512(xp + 32));
+            hi = _mm512_dpbusd_epi32(hi, h1, _mm512_loadu_si512(xp + 48));
+            lo = _mm512_add_epi32(lo, hi);
+            isum[0] = _mm256_add_epi32(_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1));
+            if (!ASYM) isum[0] = _mm256_sub_epi32(isum[0], _mm256_set1_epi32(xc[blk]));
 #endif
         } else if constexpr (KIND == I4) {
             const __m256i low = _mm256_set1_epi8(15);
@@ -662,7 +662,7 @@ void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* out, int6
             const int8_t* xq = qx.q.data() + b0 * m.ld;
             const float *xd = qx.d.data() + b0 * nb, *xs = qx.sum.data() + b0 * nb;
             const int32_t* xc = qx.corr.data() + b0 * nb;
-            const int32_t* xv = qx.xv.empty() ? nullptr : qx.xv.data() + b0 * nb * 64;
+            const int32_t* xv = KIND == I4 && HYBRIDLM_I4_ZMM && n == 1 ? qx.xv.data() + b0 * nb * 64 : nullptr;
             switch (n) {
                 case 1: tile_dot<1, KIND, ASYM, S>(m, t, xq, xd, xs, xc, xv, shift, s); break;
                 case 2: tile_dot<2, KIND, ASYM, S>(m, t, xq, xd, xs, xc, xv, shift, s); break;
@@ -688,7 +688,7 @@ inline void gemv_q(const Mat& w, const float* bias, const float* x, float* out, 
     thread_local QX qx;
     quantize_x(x, b, k, w.ld, qx);
 #if HYBRIDLM_I4_ZMM
-    if (w.kind == I4) spread_x(qx, b, w.ld);
+    if (w.kind == I4 && b % BB == 1) spread_x(qx, b, w.ld);    // a pass over a single row of x will come
 #endif
     if (w.kind == I8) gemv_rows_q<I8, false>(w, bias, qx, out, ldo, b, r0, r1);
     else if (w.min) gemv_rows_q<I4, true>(w, bias, qx, out, ldo, b, r0, r1);
