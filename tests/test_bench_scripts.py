@@ -4,6 +4,7 @@ about 15 s); multiturn.py's ``--quick`` run starts two server processes (25 s on
 runs only with HYBRIDLM_BENCH_E2E=1, and otherwise its help and the pieces that decide a verdict are checked."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,15 @@ def test_quant_bench_llama_builds_and_crashes(tmp_path, monkeypatch):
     assert "| int4 | 40.00 | crashed | 10.00 (Q4_0) | 4.00x |" in md          # prompt: only the build that ran
     assert "| int4 | 6.00 | 4.00 (Q4_0) | 2.00 (Q4_0) | 1.50x |" in md       # decode: against the faster build
     assert "`crashed`: llama-bench died" in md and "amx int4" in md
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not shutil.which("cc"), reason="needs a C compiler (Linux)")
+def test_read_bandwidth_probe_builds_and_reports(tmp_path):
+    exe = tmp_path / "read_bandwidth"
+    subprocess.run(["cc", "-O3", "-fopenmp", str(BENCH / "read_bandwidth.c"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), "16", "1"], capture_output=True, text=True, check=True).stdout
+    rates = [float(line.split(":")[1].split()[0]) for line in out.splitlines() if line.startswith("prefetch")]
+    assert len(rates) == 5 and min(rates) > 0.0
+    assert out.splitlines()[-1] == f"read bandwidth, best: {max(rates):.1f} GB/s (threads: 1, buffer: 16 MiB)"
+    bad = subprocess.run([str(exe), "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
