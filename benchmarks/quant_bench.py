@@ -101,7 +101,7 @@ def child(spec: dict) -> dict:
     B.warmup(model, tokens=16, steps=2)
     rows = []
     for n in spec["pp"]:
-        r = B.prompt_and_decode(model, n, 0)
+        r = B.prompt_and_decode(model, n, 0, repeats=spec.get("pp_repeats", 1))
         rows.append({"metric": "prompt", "tokens": n, "tok_s": r["pp_tok_s"], "seconds": r["pp_seconds"]})
         _say(spec, f"prompt {n}", r["pp_tok_s"])
     r = B.prompt_and_decode(model, spec["decode_prompt"], spec["decode_tokens"])
@@ -250,8 +250,9 @@ def write_report(res: dict, out: Path):
               "and writes almost nothing, so `of read bw` = bytes read per token x tok/s / read GB/s. "
               "Prompt-processing GFLOP/s count 2 x parameters per token (the Mamba scan and attention add "
               "a few percent more); `of best GEMM` is against the faster of torch's bf16 and fp32 GEMMs at the "
-              "model's shapes (on CPUs without AVX512-BF16/AMX, fp32: hybridlm's prefill multiplies in fp32 there). "
-              "llama-bench's decode (tg) starts from an empty context, ours after the prompt (2 attention layers "
+              "model's shapes (on CPUs without AVX512-BF16/AMX, fp32: hybridlm's prefill multiplies in fp32 there), "
+              f"each GEMM the best of 3, hybridlm's prompt processing the best of {res.get('pp_repeats', 1)} "
+              "(llama-bench: the mean of --llama-reps). llama-bench's decode (tg) starts from an empty context, ours after the prompt (2 attention layers "
               "over ~130 keys: negligible at this size). Each type's two systems ran back to back."]
     crashed = sorted({f"{label} {t}" for label in builds for t, r in res["llama_cpp"][label].items()
                       for e in r.get("errors", []) if _crashed(e)})
@@ -275,6 +276,8 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--types", type=lambda s: s.split(","), default=list(TYPES))
     ap.add_argument("--llama-reps", type=int, default=2)
+    ap.add_argument("--pp-repeats", type=int, default=3,
+                    help="hybridlm prompt processing: best of this many runs (the GEMM roofline is best of 3)")
     ap.add_argument("--no-llama", action="store_true", help="hybridlm only")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quant_bench")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -292,7 +295,7 @@ def main():
     build.load()
     ckpt = make_checkpoint(a.checkpoint)
     res = {"command": " ".join(["python", "benchmarks/quant_bench.py", *sys.argv[1:]]), "threads": a.threads,
-           "pp": a.pp, "decode_prompt": a.decode_prompt, "decode_tokens": a.decode_tokens, "types": a.types,
+           "pp": a.pp, "pp_repeats": a.pp_repeats, "decode_prompt": a.decode_prompt, "decode_tokens": a.decode_tokens, "types": a.types,
            "env": environment(), "hybridlm": {}, "llama_cpp": {}, "llama_info": {}, "quantize_runs": {}, "plan": {}}
     from hybridlm.checkpoint import load_model
     res["params"] = load_model(PRESET, device="meta").num_params()
@@ -327,7 +330,7 @@ def main():
             dirs[t], res["quantize_runs"][t] = quantized(ckpt, TYPES[t])
         ctx = a.decode_prompt + a.decode_tokens + 2
         res["plan"][t] = plan_bytes(TYPES[t], max(ctx, max(a.pp)))
-        res["hybridlm"][t] = run_child({"type": t, "checkpoint": str(dirs[t]), "pp": a.pp,
+        res["hybridlm"][t] = run_child({"type": t, "checkpoint": str(dirs[t]), "pp": a.pp, "pp_repeats": a.pp_repeats,
                                         "decode_prompt": a.decode_prompt, "decode_tokens": a.decode_tokens},
                                        a.threads)
         if ggufs:
