@@ -154,7 +154,8 @@ def load() -> ctypes.CDLL:
     if MARCH != "native":
         isa = f"-march={MARCH}"
     int_dot = ("portable C++", "AVX2 integer dot products (maddubs)", "AVX-VNNI integer dot products (vpdpbusd)",
-               "AVX512-VNNI integer dot products (vpdpbusd)")[lib.hybridlm_int_dot_path()]
+               "AVX512-VNNI integer dot products (vpdpbusd; int4 times one row on 512-bit registers)"
+               )[lib.hybridlm_int_dot_path()]
     bf16_rows = ("AMX tiles" if lib.hybridlm_amx_tiles(-1) else
                  "AVX512-BF16 dot products" if "avx512_bf16" in flags and MARCH == "native" else "widened to fp32")
     info.update(path=str(out), build_seconds=seconds, compiler=cxx, isa=isa, int_dot=int_dot, bf16_rows=bf16_rows)

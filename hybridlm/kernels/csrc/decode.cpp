@@ -525,7 +525,7 @@ inline float scale_of(const bf16* p, int64_t i) { return bf2f(p[i]); }
 // instructions of the 256-bit steps, which kept the product short of the memory bound on Sapphire Rapids
 // (87% of the read bandwidth; 104% with half its multiplies taken out, as a test; now 91-97%). With 2+ rows
 // of x the spread rows outgrow L1 (20 KiB per row at k = 2560) and the 256-bit steps were as fast or faster
-// (4 rows: 64 vs 52 ms per GiB); x permuted into place in registers instead cost 1-row decode 7%.
+// (4 rows: 64 vs 52 ms per pass over 1 GiB); x permuted into place in registers instead cost 1-row decode 7%.
 template <int NB, int KIND, bool ASYM, typename S>
 inline void tile_dot(const Mat& m, int64_t t, const int8_t* xq, const float* xd, const float* xs, const int32_t* xc,
                      const int32_t* xv, int shift, float* s) {
