@@ -4,10 +4,10 @@ torch allocates CPU tensors with malloc. glibc serves a block above its mmap thr
 blocks are freed, at most 32 MiB) with a fresh mmap, and gives it back with munmap when freed; the next
 tensor of that size starts again from untouched pages, and its first write takes a page fault per 4 KiB
 (kernel time, zeroing). A prefill makes its activations anew for each layer: the Jamba-3B shape's
-512-token prefill spent 13-17% of its time in the kernel this way and ran at 200-210 tok/s on its first
-measured pass, reaching ~285 only after glibc had raised its threshold past the sizes in use
-(benchmarks/results/quant_bench_spr.md). With the heap kept (blocks up to MMAP_THRESHOLD from the heap,
-and up to TRIM_THRESHOLD of free memory at its top not given back) every pass runs at ~285 tok/s.
+512-token bf16 prefill spent 13-17% of its time in the kernel this way and ran at 151-169 tok/s on its
+first measured pass, ~250 only once glibc had raised its threshold past the sizes in use; with the heap
+kept (blocks up to MMAP_THRESHOLD from the heap, and up to TRIM_THRESHOLD of free memory at its top not
+given back) 241-265 from the first pass (Sapphire Rapids, 2 threads: benchmarks/results/allocator.md).
 
 The cost: up to TRIM_THRESHOLD of freed memory stays resident for reuse, as llama.cpp keeps its compute
 buffers. Blocks above MMAP_THRESHOLD (a whole model's weights are many smaller tensors; this is for one

@@ -438,7 +438,7 @@ struct QX {            // x [b, ld] quantized per 32-column block
     std::vector<int8_t> q;
     std::vector<float> d, sum;   // [b, ld / 32]: the block's scale, and dx * its sum of xq (asymmetric weights)
     std::vector<int32_t> corr;   // [b, ld / 32]: 8 * the block's sum of xq (symmetric int4's -8, per block)
-    std::vector<int32_t> xv;     // [b, ld / 32, 4, 16]: int4 times one row on 512-bit registers (spread_x)
+    std::vector<int32_t> xv;     // [ld / 32, 4, 16]: the last row, for int4 times one row on 512-bit registers
 };
 
 inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, QX& out) {
@@ -493,14 +493,14 @@ inline void quantize_x(const float* x, int64_t b, int64_t k, int64_t ld, QX& out
 // int4 tiles on 512-bit registers (tile_dot) take each block of x as 4 vectors of 16 int32 lanes, a lane
 // holding 4 columns: lanes 0-7 match a sub-block's rows, lanes 8-15 the next sub-block's rows, so the 4
 // vectors are columns (0-3, 8-11), (4-7, 12-15), (16-19, 24-27), (20-23, 28-31): the low and high nibbles of
-// sub-blocks 0 and 1, then of 2 and 3 (mat.h)
-inline void spread_x(QX& qx, int64_t b, int64_t ld) {
+// sub-blocks 0 and 1, then of 2 and 3 (mat.h). Only row `row` of x: the one a one-row pass takes (gemv_q).
+inline void spread_x(QX& qx, int64_t row, int64_t ld) {
     const int64_t nb = ld / 32;
     constexpr int pair[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
-    qx.xv.resize(b * nb * 64);
-    for (int64_t i = 0; i < b * nb; ++i) {
+    qx.xv.resize(nb * 64);
+    for (int64_t i = 0; i < nb; ++i) {
         int32_t c4[8];                         // the block's 32 int8 as 8 groups of 4 columns
-        std::memcpy(c4, qx.q.data() + i * 32, 32);
+        std::memcpy(c4, qx.q.data() + row * ld + i * 32, 32);
         for (int v = 0; v < 4; ++v)
             _mm512_storeu_si512(qx.xv.data() + (i * 4 + v) * 16,
                                 _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(c4[pair[v][0]])),
@@ -662,7 +662,7 @@ void gemv_rows_q(const Mat& m, const float* bias, const QX& qx, float* out, int6
             const int8_t* xq = qx.q.data() + b0 * m.ld;
             const float *xd = qx.d.data() + b0 * nb, *xs = qx.sum.data() + b0 * nb;
             const int32_t* xc = qx.corr.data() + b0 * nb;
-            const int32_t* xv = KIND == I4 && HYBRIDLM_I4_ZMM && n == 1 ? qx.xv.data() + b0 * nb * 64 : nullptr;
+            const int32_t* xv = KIND == I4 && HYBRIDLM_I4_ZMM && n == 1 ? qx.xv.data() : nullptr;   // row b - 1
             switch (n) {
                 case 1: tile_dot<1, KIND, ASYM, S>(m, t, xq, xd, xs, xc, xv, shift, s); break;
                 case 2: tile_dot<2, KIND, ASYM, S>(m, t, xq, xd, xs, xc, xv, shift, s); break;
@@ -688,7 +688,8 @@ inline void gemv_q(const Mat& w, const float* bias, const float* x, float* out, 
     thread_local QX qx;
     quantize_x(x, b, k, w.ld, qx);
 #if HYBRIDLM_I4_ZMM
-    if (w.kind == I4 && b % BB == 1) spread_x(qx, b, w.ld);    // a pass over a single row of x will come
+    // passes take BB rows of x at a time (x tiles are whole passes), so a one-row pass is the last row's
+    if (w.kind == I4 && b % BB == 1) spread_x(qx, b - 1, w.ld);
 #endif
     if (w.kind == I8) gemv_rows_q<I8, false>(w, bias, qx, out, ldo, b, r0, r1);
     else if (w.min) gemv_rows_q<I4, true>(w, bias, qx, out, ldo, b, r0, r1);
